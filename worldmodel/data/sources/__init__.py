@@ -1,0 +1,1 @@
+"""Sources that turn raw material (video files, game play) into shards."""

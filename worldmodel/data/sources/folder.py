@@ -1,0 +1,147 @@
+"""`worldmodel prepare folder`: cut every video under a folder into clips and shard them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from worldmodel.data.shards import Clip, DatasetInfo, ShardSetWriter, safe_key, write_json_atomic
+from worldmodel.data.video import EncodeSettings, encode_mp4, iter_frames, resize_short_side_center_crop
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov")
+REPORT_NAME = "prepare_report.json"
+
+
+@dataclass(frozen=True)
+class ClipSettings:
+    """How source video becomes clips: length, rate, square size, hop between clip starts."""
+
+    frames: int = 16
+    size: int = 64
+    fps: float = 10.0
+    hop: int | None = None  # frames between clip starts; None = frames (no overlap)
+    encode: EncodeSettings = EncodeSettings()
+
+    def __post_init__(self) -> None:
+        for name in ("frames", "size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.fps <= 0:
+            raise ValueError(f"fps must be > 0, got {self.fps}")
+        if self.hop is not None and self.hop < 1:
+            raise ValueError(f"hop must be >= 1, got {self.hop}")
+
+
+def find_videos(root: str | os.PathLike) -> list[Path]:
+    """Every file under `root` with a video suffix, sorted for a deterministic order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root} is not a folder of videos")
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+
+
+def split_by_file(names: Sequence[str], val_fraction: float) -> dict[str, str]:
+    """Assign each source file to train or val, deterministically, by a hash of its name.
+
+    The files whose hashes sort first go to val: ceil(fraction * n) of them (at least one when
+    the fraction is positive and there are two or more files), so clips of one source video
+    never land on both sides.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    ranked = sorted(names, key=lambda name: hashlib.sha256(name.encode()).hexdigest())
+    n_val = math.ceil(val_fraction * len(ranked)) if len(ranked) > 1 else 0
+    return {name: ("val" if rank < n_val else "train") for rank, name in enumerate(ranked)}
+
+
+def cut_clips(path: str, name: str, settings: ClipSettings) -> list[Clip]:
+    """Decode one file at the target rate and size and encode consecutive windows as clips."""
+    hop = settings.hop or settings.frames
+    frames: list[np.ndarray] = []
+    times: list[float] = []
+    for time, rgb in iter_frames(path, settings.fps):
+        frames.append(resize_short_side_center_crop(rgb, settings.size))
+        times.append(time)
+    clips = []
+    for clip_index, start in enumerate(range(0, len(frames) - settings.frames + 1, hop)):
+        window = np.stack(frames[start : start + settings.frames])  # (T, H, W, 3)
+        meta = {
+            "source": name,
+            "clip_index": clip_index,
+            "start_time": round(times[start], 4),
+            "fps": settings.fps,
+            "frames": settings.frames,
+            "height": settings.size,
+            "width": settings.size,
+        }
+        key = safe_key(f"{name}_{clip_index:05d}")
+        clips.append(Clip(key=key, mp4=encode_mp4(window, settings.fps, settings.encode), meta=meta))
+    return clips
+
+
+def _cut_or_report(job: tuple[str, str, ClipSettings]) -> tuple[str, list[Clip], str | None]:
+    path, name, settings = job
+    try:
+        clips = cut_clips(path, name, settings)
+    except Exception as error:  # any unreadable file is reported, never fatal to the job
+        return name, [], f"{type(error).__name__}: {error}"
+    if not clips:
+        return name, [], f"shorter than one clip ({settings.frames} frames at {settings.fps} fps)"
+    return name, clips, None
+
+
+def prepare_videos(
+    files: Sequence[Path],
+    root: Path,
+    out: str | os.PathLike,
+    settings: ClipSettings,
+    val_fraction: float = 0.1,
+    clips_per_shard: int = 256,
+    workers: int = 1,
+    source_note: dict | None = None,
+) -> dict:
+    """Shard the clips of `files` (named relative to `root`); returns the dataset index."""
+    names = [str(path.relative_to(root)) for path in files]
+    split_of = split_by_file(names, val_fraction)
+    info = DatasetInfo(
+        frames_per_clip=settings.frames,
+        height=settings.size,
+        width=settings.size,
+        fps=settings.fps,
+        num_actions=None,
+        source=source_note or {"kind": "folder", "root": str(root)},
+    )
+    jobs = [(str(path), name, settings) for path, name in zip(files, names, strict=True)]
+    failures: dict[str, str] = {}
+    written = 0
+    with ShardSetWriter(out, info, clips_per_shard) as writer, ProcessPoolExecutor(
+        max_workers=max(1, workers)
+    ) as pool:
+        progress = tqdm(pool.map(_cut_or_report, jobs), total=len(jobs), unit="file", desc="prepare")
+        for name, clips, failure in progress:
+            if failure:
+                failures[name] = failure
+            for clip in clips:
+                writer.write(split_of[name], clip)
+            written += len(clips)
+            progress.set_postfix(clips=written, failed=len(failures))
+    report = {"files": len(files), "clips": written, "failed": failures}
+    write_json_atomic(Path(out) / REPORT_NAME, report)
+    for name, reason in failures.items():
+        tqdm.write(f"skipped {name}: {reason}")
+    return json.loads((Path(out) / "dataset.json").read_text())
+
+
+def prepare_folder(src: str | os.PathLike, out: str | os.PathLike, settings: ClipSettings, **kwargs) -> dict:
+    """`worldmodel prepare folder SRC --out DIR`: every video under SRC, recursively."""
+    root = Path(src).resolve()
+    return prepare_videos(find_videos(root), root, out, settings, **kwargs)
