@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -14,7 +13,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from worldmodel.data.shards import Clip, DatasetInfo, ShardSetWriter, safe_key, write_json_atomic
+from worldmodel.data.shards import (
+    Clip,
+    DatasetInfo,
+    ShardSetWriter,
+    read_index,
+    safe_key,
+    write_json_atomic,
+)
 from worldmodel.data.video import EncodeSettings, encode_mp4, iter_frames, resize_short_side_center_crop
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov")
@@ -138,7 +144,7 @@ def prepare_videos(
     write_json_atomic(Path(out) / REPORT_NAME, report)
     for name, reason in failures.items():
         tqdm.write(f"skipped {name}: {reason}")
-    return json.loads((Path(out) / "dataset.json").read_text())
+    return read_index(out)
 
 
 def prepare_folder(src: str | os.PathLike, out: str | os.PathLike, settings: ClipSettings, **kwargs) -> dict:

@@ -1,0 +1,105 @@
+"""The LightningDataModule: a DataConfig in, resumable training and validation loaders out."""
+
+from __future__ import annotations
+
+import lightning as L
+import webdataset as wds
+
+from worldmodel.config import ConfigError, DataConfig, derive_batch
+from worldmodel.data.pipeline import ClipLoader, ClipSpec, ClipStream
+from worldmodel.data.shards import read_index, shard_paths
+
+
+def expand_shards(patterns: list[str]) -> list[str]:
+    """Brace patterns and URLs (local paths, pipe:, http) to a flat list of shard URLs."""
+    return [url for pattern in patterns for url in wds.shardlists.expand_urls(pattern)]
+
+
+class VideoDataModule(L.LightningDataModule):
+    """Clips from prepared shards; the per-device batch comes from the global batch size."""
+
+    def __init__(self, config: DataConfig, rank: int | None = None, world_size: int | None = None):
+        super().__init__()
+        self.config = config
+        self._rank, self._world_size = rank, world_size
+        self.index = read_index(config.root) if config.root else None
+        self.spec = self._clip_spec()
+        self.train_loader: ClipLoader | None = None
+
+    @property
+    def rank(self) -> int:
+        if self._rank is not None:
+            return self._rank
+        return self.trainer.global_rank if self.trainer else 0
+
+    @property
+    def world_size(self) -> int:
+        if self._world_size is not None:
+            return self._world_size
+        return self.trainer.world_size if self.trainer else 1
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_plan[0]
+
+    @property
+    def batch_plan(self) -> tuple[int, int]:
+        """(micro batch per device, gradient accumulation steps)."""
+        cfg = self.config
+        return derive_batch(cfg.global_batch_size, self.world_size, cfg.micro_batch_size)
+
+    @property
+    def num_actions(self) -> int | None:
+        return self.index["num_actions"] if self.index else None
+
+    def _clip_spec(self) -> ClipSpec:
+        cfg, index = self.config, self.index
+        stride = cfg.stride
+        if cfg.fps is not None:
+            if index is None:
+                raise ConfigError("data.fps: needs data.root (dataset.json gives the stored rate); set data.stride")
+            stride = round(index["fps"] / cfg.fps)
+            if stride < 1 or abs(index["fps"] / stride - cfg.fps) > 0.05 * cfg.fps:
+                raise ConfigError(f"data.fps: {cfg.fps} is not the stored {index['fps']} fps / an integer")
+        spec = ClipSpec(
+            frames=cfg.frames,
+            stride=stride,
+            height=index["height"] if index else None,
+            width=index["width"] if index else None,
+        )
+        if index and spec.span > index["frames_per_clip"]:
+            raise ConfigError(
+                f"data.frames: {cfg.frames} frames at stride {stride} span {spec.span} stored frames, "
+                f"but clips in {cfg.root} have {index['frames_per_clip']}"
+            )
+        return spec
+
+    def _urls(self, split: str) -> list[str]:
+        patterns = self.config.train_shards if split == "train" else self.config.val_shards
+        urls = expand_shards(patterns) if patterns else shard_paths(self.config.root, split)
+        if not urls:
+            raise ConfigError(f"data: no {split} shards in {patterns or self.config.root}")
+        return urls
+
+    def _stream(self, split: str) -> ClipStream:
+        cfg = self.config
+        return ClipStream(
+            self._urls(split),
+            self.spec,
+            self.micro_batch_size,
+            train=split == "train",
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=cfg.seed,
+            shuffle_buffer=cfg.shuffle_buffer,
+            batches_per_epoch=cfg.batches_per_epoch,
+        )
+
+    def train_dataloader(self) -> ClipLoader:
+        cfg = self.config
+        self.train_loader = ClipLoader(self._stream("train"), cfg.num_workers, cfg.max_skip_fraction)
+        return self.train_loader
+
+    def val_dataloader(self) -> ClipLoader:
+        cfg = self.config
+        return ClipLoader(self._stream("val"), cfg.num_workers, cfg.max_skip_fraction)

@@ -1,0 +1,382 @@
+"""The streaming loader: shards -> samples -> decoded clips -> batches, resumable and robust.
+
+Training streams are resampled: each (rank, worker) draws shards at random, forever, from its
+own part of the shard list, shuffles samples in a buffer, and stops after a fixed number of
+batches, so every rank sees the same number of batches per epoch. All randomness comes from
+(seed, epoch, rank, worker, position), which makes the stream a pure function of where it is:
+a restored position skips the samples already used (reading but not decoding them) and the
+run continues with exactly the batches an uninterrupted run would have seen.
+
+Validation streams read every sample once, in shard order, sample i going to the (rank, worker)
+whose index is i modulo their number.
+
+Bad samples (unreadable tar members, a missing or malformed json, an undecodable or short
+video, actions that do not match the frames) are skipped, logged with key and shard, and
+counted; the run stops with a message naming the causes only when the skipped fraction passes
+`max_skip_fraction`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from worldmodel.data import NULL_ACTION
+from worldmodel.data.video import VideoDecodeError, decode_mp4
+
+log = logging.getLogger("worldmodel.data")
+
+SKIP_CAUSES = ("tar", "json", "video", "actions")
+
+
+class BadSample(Exception):
+    def __init__(self, cause: str, detail: str):
+        super().__init__(f"{cause}: {detail}")
+        self.cause, self.detail = cause, detail
+
+
+class TooManyBadSamples(RuntimeError):
+    """More of the stream was unreadable than the configured limit allows."""
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """What one sample becomes: `frames` frames taken every `stride` frames of a stored clip."""
+
+    frames: int
+    stride: int = 1
+    height: int | None = None  # when set, clips of another size are skipped as bad
+    width: int | None = None
+
+    @property
+    def span(self) -> int:
+        """Stored frames covered by one sampled clip."""
+        return (self.frames - 1) * self.stride + 1
+
+
+def decode_sample(sample: dict, spec: ClipSpec, rng: np.random.Generator | None) -> dict:
+    """Turn a raw WebDataset sample into {key, video (T,H,W,3) uint8, actions (T,) int64}.
+
+    `rng` picks a random start (training); without it the clip starts at frame 0.
+    Raises BadSample naming the cause.
+    """
+    if "json" not in sample:
+        raise BadSample("json", "no json member")
+    try:
+        meta = json.loads(sample["json"])
+        stored_frames = int(meta["frames"])
+    except (ValueError, TypeError, KeyError) as error:
+        raise BadSample("json", f"malformed metadata ({type(error).__name__}: {error})") from error
+    if stored_frames < spec.span:
+        raise BadSample("video", f"{stored_frames} frames, {spec.span} needed")
+    start = int(rng.integers(stored_frames - spec.span + 1)) if rng is not None else 0
+    indices = list(range(start, start + spec.span, spec.stride))
+    if not sample.get("mp4"):
+        raise BadSample("video", "no or empty mp4 member")
+    try:
+        video = decode_mp4(sample["mp4"], indices, stored_frames)
+    except VideoDecodeError as error:
+        raise BadSample("video", str(error)) from error
+    if spec.height is not None and video.shape[1:3] != (spec.height, spec.width):
+        raise BadSample("video", f"size {video.shape[1:3]}, expected {(spec.height, spec.width)}")
+    if "actions.npy" in sample:
+        try:
+            actions = np.load(io.BytesIO(sample["actions.npy"]), allow_pickle=False)
+        except ValueError as error:
+            raise BadSample("actions", f"unreadable actions.npy ({error})") from error
+        if actions.shape != (stored_frames,) or not np.issubdtype(actions.dtype, np.integer):
+            raise BadSample("actions", f"actions {actions.dtype}{actions.shape}, expected int ({stored_frames},)")
+        actions = actions[indices].astype(np.int64)
+    else:
+        actions = np.full(len(indices), NULL_ACTION, dtype=np.int64)
+    return {"key": sample["__key__"], "video": video, "actions": actions}
+
+
+@dataclass
+class WorkerProgress:
+    """How far one (logical) worker got in the current epoch: reported with every batch."""
+
+    worker: int
+    position: int = 0  # raw samples taken from the shuffled stream so far
+    seen: int = 0  # samples decoded or rejected
+    skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_CAUSES, 0))
+    last_skip: dict[str, str] = field(default_factory=dict)  # cause -> "key in shard: detail"
+
+    def skip(self, cause: str, where: str, detail: str) -> None:
+        self.skipped[cause] += 1
+        self.last_skip[cause] = f"{where}: {detail}"
+        log.warning("skipping %s (%s: %s)", where, cause, detail)
+
+    def copy(self) -> WorkerProgress:
+        return WorkerProgress(self.worker, self.position, self.seen, dict(self.skipped), dict(self.last_skip))
+
+
+@dataclass
+class ResumePoint:
+    """Where iteration starts: handed to the workers with the dataset."""
+
+    epoch: int = 0
+    consumed: int = 0  # batches of this epoch already used
+    progress: dict[int, WorkerProgress] = field(default_factory=dict)  # by logical worker
+
+
+class ClipStream(IterableDataset):
+    """Batches of clips from WebDataset shards, for one rank; see the module docstring."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        spec: ClipSpec,
+        batch_size: int,
+        *,
+        train: bool,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle_buffer: int = 256,
+        batches_per_epoch: int = 100,
+    ):
+        if not urls:
+            raise ValueError("no shards to read")
+        self.urls = list(urls)
+        self.spec = spec
+        self.batch_size = batch_size
+        self.train = train
+        self.rank, self.world_size = rank, world_size
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.batches_per_epoch = batches_per_epoch
+        self.resume = ResumePoint()
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        n_workers = info.num_workers if info else 1
+        physical = info.id if info else 0
+        # After a resume mid-epoch the DataLoader starts again at physical worker 0, while
+        # the next batch is due from logical worker `consumed % n_workers`: rotate the roles.
+        logical = (physical + self.resume.consumed) % n_workers
+        progress = self.resume.progress.get(logical, WorkerProgress(logical)).copy()
+        if self.train:
+            return self._train_batches(logical, n_workers, progress)
+        return self._val_batches(logical, n_workers, progress)
+
+    def _tar_samples(self, urls, progress: WorkerProgress, reading: _ReadState) -> Iterator[dict]:
+        def on_error(error: Exception) -> bool:
+            if not reading.replaying:  # errors met while replaying were counted before
+                progress.skip("tar", "shard", f"{type(error).__name__}: {error}")
+            return True  # keep reading the next member / shard
+
+        def counted(samples: Iterator[dict]) -> Iterator[dict]:
+            for sample in samples:
+                reading.samples += 1
+                yield sample
+
+        return counted(wds.tarfile_to_samples(handler=on_error)({"url": url} for url in urls))
+
+    def _train_batches(self, worker: int, n_workers: int, progress: WorkerProgress) -> Iterator[dict]:
+        stream_id = self.rank * n_workers + worker
+        n_streams = self.world_size * n_workers
+        epoch = self.resume.epoch
+        # Each stream resamples from its own slice of the shards when there are enough of them.
+        pool = self.urls[stream_id::n_streams] if len(self.urls) >= n_streams else self.urls
+        shard_rng = random.Random(f"shards-{self.seed}-{epoch}-{stream_id}")
+        resume_at = progress.position
+        reading = _ReadState(replaying=resume_at > 0)
+        samples = self._tar_samples(_resampled(pool, shard_rng, reading), progress, reading)
+        shuffle_rng = random.Random(f"shuffle-{self.seed}-{epoch}-{stream_id}")
+        samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=shuffle_rng)(samples)
+
+        due = range(worker, self.batches_per_epoch, n_workers)  # this worker's batch indices
+        remaining = sum(1 for index in due if index >= self.resume.consumed)
+        batch: list[dict] = []
+        for position, sample in enumerate(samples):
+            if remaining == 0:
+                return
+            if position < resume_at:
+                continue  # used before the checkpoint: read, not decoded
+            reading.replaying = False
+            progress.position = position + 1
+            start_rng = np.random.default_rng([self.seed, epoch, stream_id, position])
+            clip = self._decode_or_skip(sample, start_rng, progress)
+            if clip is not None:
+                batch.append(clip)
+            if len(batch) == self.batch_size:
+                yield _collate(batch, progress)
+                batch, remaining = [], remaining - 1
+
+    def _val_batches(self, worker: int, n_workers: int, progress: WorkerProgress) -> Iterator[dict]:
+        stream_id = self.rank * n_workers + worker
+        n_streams = self.world_size * n_workers
+        batch: list[dict] = []
+        for index, sample in enumerate(self._tar_samples(self.urls, progress, _ReadState())):
+            if index % n_streams != stream_id:
+                continue
+            progress.position = index + 1
+            clip = self._decode_or_skip(sample, None, progress)
+            if clip is not None:
+                batch.append(clip)
+            if len(batch) == self.batch_size:
+                yield _collate(batch, progress)
+                batch = []
+        if batch:
+            yield _collate(batch, progress)
+
+    def _decode_or_skip(self, sample: dict, rng, progress: WorkerProgress) -> dict | None:
+        progress.seen += 1
+        try:
+            return decode_sample(sample, self.spec, rng)
+        except BadSample as bad:
+            where = f"{sample.get('__key__')} in {sample.get('__url__')}"
+            progress.skip(bad.cause, where, bad.detail)
+            return None
+
+
+@dataclass
+class _ReadState:
+    samples: int = 0  # samples read from tars so far
+    replaying: bool = False  # still skipping samples used before a resume
+
+
+def _resampled(pool: list[str], rng: random.Random, reading: _ReadState) -> Iterator[str]:
+    """Shard URLs drawn with replacement, forever; fails if shards stop yielding samples."""
+    stalled, last_count = 0, reading.samples
+    while True:
+        yield rng.choice(pool)
+        stalled = stalled + 1 if reading.samples == last_count else 0
+        last_count = reading.samples
+        if stalled > 4 * len(pool) + 16:
+            raise TooManyBadSamples(f"{stalled} shards in a row gave no readable sample: {pool[:3]}...")
+
+
+def _collate(clips: list[dict], progress: WorkerProgress) -> dict:
+    return {
+        "video": torch.from_numpy(np.stack([c["video"] for c in clips])),  # (B, T, H, W, 3) uint8
+        "actions": torch.from_numpy(np.stack([c["actions"] for c in clips])),  # (B, T) int64
+        "key": [c["key"] for c in clips],
+        "stream": vars(progress.copy()),  # plain data, so device transfer leaves it alone
+    }
+
+
+class ClipLoader:
+    """Iterates a ClipStream through a DataLoader and keeps its position as checkpointable state.
+
+    `state_dict()` describes the batches consumed so far. By default a batch counts as consumed
+    when it is handed out; a training loop that prefetches can pass `auto_consume=False` and
+    call `mark_consumed(batch)` after each step instead.
+    """
+
+    def __init__(
+        self,
+        stream: ClipStream,
+        num_workers: int = 0,
+        max_skip_fraction: float = 0.01,
+        min_samples_for_check: int = 200,
+        auto_consume: bool = True,
+    ):
+        self.stream = stream
+        self.num_workers = num_workers
+        self.max_skip_fraction = max_skip_fraction
+        self.min_samples_for_check = min_samples_for_check
+        self.auto_consume = auto_consume
+        self._point = ResumePoint()
+        self._epoch_started = False
+
+    def __len__(self) -> int:
+        if not self.stream.train:
+            raise TypeError("a validation stream has no fixed length")
+        return self.stream.batches_per_epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        if self._epoch_started and self.stream.train:
+            self._point = ResumePoint(epoch=self._point.epoch + 1)
+        self._epoch_started = True
+        if not self.stream.train:
+            self._point = ResumePoint()
+        self.stream.resume = self._point
+        loader = DataLoader(
+            self.stream,
+            batch_size=None,  # the stream batches in the worker
+            num_workers=self.num_workers,
+            persistent_workers=False,  # the resume point travels with each new iterator
+            prefetch_factor=2 if self.num_workers else None,
+        )
+        for batch in loader:
+            if self.auto_consume:
+                self.mark_consumed(batch)
+            yield batch
+        self._check_skips(final=True)
+
+    def mark_consumed(self, batch: dict) -> None:
+        progress = WorkerProgress(**batch["stream"])
+        self._point.progress[progress.worker] = progress
+        self._point.consumed += 1
+        self._check_skips(final=False)
+
+    @property
+    def epoch(self) -> int:
+        return self._point.epoch
+
+    def skip_counts(self) -> dict[str, int]:
+        totals = dict.fromkeys(SKIP_CAUSES, 0)
+        for progress in self._point.progress.values():
+            for cause, count in progress.skipped.items():
+                totals[cause] += count
+        return totals
+
+    def _check_skips(self, final: bool) -> None:
+        seen = sum(p.seen for p in self._point.progress.values())
+        skipped = self.skip_counts()
+        if not seen or (not final and seen < self.min_samples_for_check):
+            return
+        fraction = sum(skipped.values()) / seen
+        if fraction > self.max_skip_fraction:
+            examples = {
+                cause: where
+                for progress in self._point.progress.values()
+                for cause, where in progress.last_skip.items()
+            }
+            causes = ", ".join(f"{cause}: {n}" for cause, n in skipped.items() if n)
+            raise TooManyBadSamples(
+                f"{sum(skipped.values())} of {seen} samples skipped ({fraction:.1%} > limit "
+                f"{self.max_skip_fraction:.1%}) in epoch {self._point.epoch}; by cause: {causes}; "
+                f"last of each: {examples}. Fix or remove the shards, or raise max_skip_fraction."
+            )
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self._point.epoch,
+            "consumed": self._point.consumed,
+            "num_workers": max(1, self.num_workers),
+            "world_size": self.stream.world_size,
+            "progress": {w: vars(p.copy()) for w, p in self._point.progress.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        point = ResumePoint(epoch=state["epoch"])
+        same_layout = (state["num_workers"], state["world_size"]) == (
+            max(1, self.num_workers),
+            self.stream.world_size,
+        )
+        if same_layout:
+            point.consumed = state["consumed"]
+            point.progress = {int(w): WorkerProgress(**p) for w, p in state["progress"].items()}
+        else:
+            log.warning(
+                "data position saved with %s workers x %s ranks, resuming with %s x %s: "
+                "epoch %s restarts from its first batch",
+                state["num_workers"], state["world_size"], max(1, self.num_workers),
+                self.stream.world_size, state["epoch"],
+            )
+        if point.consumed >= self.stream.batches_per_epoch:  # saved at the end of an epoch
+            point = ResumePoint(epoch=point.epoch + 1)
+        self._point = point
+        self._epoch_started = False

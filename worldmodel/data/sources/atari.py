@@ -1,0 +1,167 @@
+"""`worldmodel prepare atari`: record real game play with ale-py (its ROMs ship in the wheel).
+
+Each episode is played by a uniform random policy with sticky actions and frameskip, starting
+from `env.reset(seed=episode_seed)`. Frames are the observations resized to size x size;
+action t is the one taken after frame t (so it leads to frame t + 1). Episodes are cut into
+consecutive clips that never cross an episode end, encoded losslessly: replaying the recorded
+actions from the recorded seed reproduces the frames exactly. Actions use the full 18-action
+set, so one model can train on several games.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from worldmodel.data.shards import Clip, DatasetInfo, ShardSetWriter, read_index, safe_key
+from worldmodel.data.video import LOSSLESS, encode_mp4, resize_frame
+
+FULL_ACTION_SET_SIZE = 18
+ATARI_FPS = 60.0  # the console's frame rate; a recorded frame lasts `frameskip` of them
+
+
+@dataclass(frozen=True)
+class AtariSettings:
+    frames: int = 16
+    size: int = 64
+    frameskip: int = 4
+    sticky: float = 0.25  # repeat_action_probability
+    max_steps: int = 2000  # per episode; long timer games are cut here
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.frames < 1 or self.size < 1 or self.frameskip < 1 or self.max_steps < self.frames:
+            raise ValueError(f"invalid Atari settings: {self}")
+        if not 0.0 <= self.sticky < 1.0:
+            raise ValueError(f"sticky must be in [0, 1), got {self.sticky}")
+
+    @property
+    def fps(self) -> float:
+        return ATARI_FPS / self.frameskip
+
+
+def make_env(game: str, settings: AtariSettings):
+    """The ALE environment of `game` (e.g. "Breakout") with the recording settings."""
+    import ale_py
+    import gymnasium as gym
+
+    gym.register_envs(ale_py)
+    env_id = f"ALE/{game}-v5"
+    try:
+        return gym.make(
+            env_id,
+            frameskip=settings.frameskip,
+            repeat_action_probability=settings.sticky,
+            full_action_space=True,
+        )
+    except gym.error.Error as error:
+        raise ValueError(f"unknown Atari game {game!r} ({env_id}): {error}") from error
+
+
+def episode_seed(settings: AtariSettings, game: str, episode: int) -> int:
+    """A distinct, reproducible seed per (game, episode)."""
+    game_code = int.from_bytes(game.encode()[:4].ljust(4, b"\0"), "little")
+    return (settings.seed * 1_000_003 + game_code * 10_007 + episode) % (2**31)
+
+
+def play_episode(game: str, seed: int, settings: AtariSettings, actions: Sequence[int] | None = None):
+    """Play one episode from `reset(seed)`; random actions unless `actions` are given to replay.
+
+    Returns (frames uint8 (L, size, size, 3), actions int64 (L,), rewards float32 (L,)) where
+    action t and reward t follow frame t. The episode's final observation has no action after
+    it and is not kept.
+    """
+    env = make_env(game, settings)
+    policy = np.random.default_rng(seed)
+    observation, _ = env.reset(seed=seed)
+    frames, taken, rewards = [], [], []
+    limit = settings.max_steps if actions is None else len(actions)
+    for step in range(limit):
+        action = int(policy.integers(env.action_space.n)) if actions is None else int(actions[step])
+        frames.append(resize_frame(observation, settings.size, settings.size))
+        observation, reward, terminated, truncated, _ = env.step(action)
+        taken.append(action)
+        rewards.append(reward)
+        if terminated or truncated:
+            break
+    env.close()
+    return np.stack(frames), np.asarray(taken, np.int64), np.asarray(rewards, np.float32)
+
+
+def record_episode(job: tuple[str, int, AtariSettings]) -> list[Clip]:
+    """Play one episode and cut it into consecutive clips of `settings.frames` frames."""
+    game, episode, settings = job
+    seed = episode_seed(settings, game, episode)
+    frames, actions, rewards = play_episode(game, seed, settings)
+    clips = []
+    for clip_index, start in enumerate(range(0, len(frames) - settings.frames + 1, settings.frames)):
+        stop = start + settings.frames
+        meta = {
+            "source": f"atari/{game}",
+            "game": game,
+            "episode": episode,
+            "episode_seed": seed,
+            "episode_steps": len(frames),
+            "start_step": start,
+            "clip_index": clip_index,
+            "rewards": rewards[start:stop].tolist(),
+            "frameskip": settings.frameskip,
+            "sticky": settings.sticky,
+            "fps": settings.fps,
+            "frames": settings.frames,
+            "height": settings.size,
+            "width": settings.size,
+        }
+        clips.append(
+            Clip(
+                key=safe_key(f"{game}_ep{episode:05d}_{clip_index:05d}"),
+                mp4=encode_mp4(frames[start:stop], settings.fps, LOSSLESS),
+                meta=meta,
+                actions=actions[start:stop],
+            )
+        )
+    return clips
+
+
+def prepare_atari(
+    games: Sequence[str],
+    episodes: int,
+    out: str | os.PathLike,
+    settings: AtariSettings = AtariSettings(),
+    val_fraction: float = 0.1,
+    clips_per_shard: int = 256,
+    workers: int = 1,
+) -> dict:
+    """Record `episodes` episodes of each game; the last ceil(fraction * episodes) are val."""
+    if episodes < 1 or not games:
+        raise ValueError("need at least one game and one episode")
+    for game in games:  # fail on a misspelled game before spending minutes on the others
+        make_env(game, settings).close()
+    n_val = math.ceil(val_fraction * episodes) if episodes > 1 else 0
+    jobs = [(game, episode, settings) for game in games for episode in range(episodes)]
+    info = DatasetInfo(
+        frames_per_clip=settings.frames,
+        height=settings.size,
+        width=settings.size,
+        fps=settings.fps,
+        num_actions=FULL_ACTION_SET_SIZE,
+        source={"kind": "atari", "games": list(games), "episodes": episodes, **vars(settings)},
+    )
+    written = 0
+    with ShardSetWriter(out, info, clips_per_shard) as writer, ProcessPoolExecutor(
+        max_workers=max(1, workers)
+    ) as pool:
+        progress = tqdm(pool.map(record_episode, jobs), total=len(jobs), unit="episode", desc="atari")
+        for (_, episode, _), clips in zip(jobs, progress, strict=True):
+            split = "val" if episode >= episodes - n_val else "train"
+            for clip in clips:
+                writer.write(split, clip)
+            written += len(clips)
+            progress.set_postfix(clips=written)
+    return read_index(out)
