@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     folder.add_argument("src", help="folder searched recursively for mp4/avi/mkv/webm/mov")
     _add_shard_options(folder, frames=16, size=64)
     folder.add_argument("--fps", type=float, default=10.0, help="clip frame rate")
-    folder.add_argument("--hop", type=int, default=None, help="frames between clip starts (default: --frames)")
+    folder.add_argument(
+        "--hop", type=int, default=None, help="frames between clip starts (default: --frames)"
+    )
     folder.add_argument("--crf", type=int, default=18, help="h264 quality (0 = lossless)")
 
     atari = prepare.add_parser("atari", help="record random-policy Atari game play")
@@ -106,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "prepare":
         index = _prepare(args)
-        splits = ", ".join(f"{name} {split['clips']} clips in {len(split['shards'])} shards"
-                           for name, split in index["splits"].items())
+        splits = ", ".join(
+            f"{name} {split['clips']} clips in {len(split['shards'])} shards"
+            for name, split in index["splits"].items()
+        )
         print(f"wrote {Path(args.out) / 'dataset.json'}: {splits}")
     elif args.command == "inspect":
         _inspect(args)

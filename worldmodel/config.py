@@ -1,13 +1,13 @@
 """Typed configuration schemas. Each field is documented where it is declared and checked on
 creation, so a wrong value fails at startup with the field's name, not an hour into a run.
 
-Fields use `Optional[...]`/`List[...]` because OmegaConf builds structured configs from them.
+Optional fields are spelled `Optional[...]`: OmegaConf builds structured configs from these classes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional  # noqa: UP035 - OmegaConf needs typing generics
+from typing import Optional
 
 
 class ConfigError(ValueError):
@@ -24,8 +24,8 @@ class DataConfig:
     """Where clips come from and how they are batched."""
 
     root: Optional[str] = "data/shards/sample"  # noqa: UP045 - a folder made by `worldmodel prepare`
-    train_shards: Optional[List[str]] = None  # noqa: UP045 - brace patterns / URLs instead of root's train split
-    val_shards: Optional[List[str]] = None  # noqa: UP045 - likewise for validation
+    train_shards: Optional[list[str]] = None  # noqa: UP045 - brace patterns / URLs instead of root's train split
+    val_shards: Optional[list[str]] = None  # noqa: UP045 - likewise for validation
     frames: int = 16  # frames per training clip (T)
     stride: int = 1  # take every stride-th stored frame
     fps: Optional[float] = None  # noqa: UP045 - sample at this rate instead (derives stride from dataset.json)
@@ -59,7 +59,9 @@ class DataConfig:
         )
 
 
-def derive_batch(global_batch_size: int, world_size: int, micro_batch_size: int | None = None) -> tuple[int, int]:
+def derive_batch(
+    global_batch_size: int, world_size: int, micro_batch_size: int | None = None
+) -> tuple[int, int]:
     """Per-device micro batch and gradient accumulation steps from the global batch size.
 
     global = micro * world_size * accumulation must hold exactly; otherwise the error says
@@ -69,8 +71,7 @@ def derive_batch(global_batch_size: int, world_size: int, micro_batch_size: int 
         _require(
             global_batch_size % world_size == 0,
             "data.global_batch_size",
-            f"{global_batch_size} does not divide over {world_size} devices; "
-            f"use a multiple of {world_size}",
+            f"{global_batch_size} does not divide over {world_size} devices; use a multiple of {world_size}",
         )
         return global_batch_size // world_size, 1
     per_step = micro_batch_size * world_size

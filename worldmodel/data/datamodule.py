@@ -57,7 +57,9 @@ class VideoDataModule(L.LightningDataModule):
         stride = cfg.stride
         if cfg.fps is not None:
             if index is None:
-                raise ConfigError("data.fps: needs data.root (dataset.json gives the stored rate); set data.stride")
+                raise ConfigError(
+                    "data.fps: needs data.root (dataset.json gives the stored rate); set data.stride"
+                )
             stride = round(index["fps"] / cfg.fps)
             if stride < 1 or abs(index["fps"] / stride - cfg.fps) > 0.05 * cfg.fps:
                 raise ConfigError(f"data.fps: {cfg.fps} is not the stored {index['fps']} fps / an integer")

@@ -94,7 +94,9 @@ def decode_sample(sample: dict, spec: ClipSpec, rng: np.random.Generator | None)
         except ValueError as error:
             raise BadSample("actions", f"unreadable actions.npy ({error})") from error
         if actions.shape != (stored_frames,) or not np.issubdtype(actions.dtype, np.integer):
-            raise BadSample("actions", f"actions {actions.dtype}{actions.shape}, expected int ({stored_frames},)")
+            raise BadSample(
+                "actions", f"actions {actions.dtype}{actions.shape}, expected int ({stored_frames},)"
+            )
         actions = actions[indices].astype(np.int64)
     else:
         actions = np.full(len(indices), NULL_ACTION, dtype=np.int64)
@@ -373,8 +375,11 @@ class ClipLoader:
             log.warning(
                 "data position saved with %s workers x %s ranks, resuming with %s x %s: "
                 "epoch %s restarts from its first batch",
-                state["num_workers"], state["world_size"], max(1, self.num_workers),
-                self.stream.world_size, state["epoch"],
+                state["num_workers"],
+                state["world_size"],
+                max(1, self.num_workers),
+                self.stream.world_size,
+                state["epoch"],
             )
         if point.consumed >= self.stream.batches_per_epoch:  # saved at the end of an epoch
             point = ResumePoint(epoch=point.epoch + 1)

@@ -146,13 +146,13 @@ def _decode_with_decord(data: bytes, indices: Sequence[int], expected_frames: in
 
     try:
         reader = decord.VideoReader(io.BytesIO(data), num_threads=1)
-    except decord.DECORDError as error:
+    except (decord.DECORDError, RuntimeError) as error:  # decord raises both on bad input
         raise _DecordUnsuitable(str(error)) from error
     if len(reader) != expected_frames:
         raise _DecordUnsuitable(f"container reports {len(reader)} frames, expected {expected_frames}")
     try:
         return reader.get_batch(list(indices)).asnumpy()
-    except decord.DECORDError as error:
+    except (decord.DECORDError, RuntimeError) as error:
         raise VideoDecodeError(f"decord: {str(error).splitlines()[-1][:200]}") from error
 
 

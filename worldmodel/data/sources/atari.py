@@ -154,9 +154,10 @@ def prepare_atari(
         source={"kind": "atari", "games": list(games), "episodes": episodes, **vars(settings)},
     )
     written = 0
-    with ShardSetWriter(out, info, clips_per_shard) as writer, ProcessPoolExecutor(
-        max_workers=max(1, workers)
-    ) as pool:
+    with (
+        ShardSetWriter(out, info, clips_per_shard) as writer,
+        ProcessPoolExecutor(max_workers=max(1, workers)) as pool,
+    ):
         progress = tqdm(pool.map(record_episode, jobs), total=len(jobs), unit="episode", desc="atari")
         for (_, episode, _), clips in zip(jobs, progress, strict=True):
             split = "val" if episode >= episodes - n_val else "train"

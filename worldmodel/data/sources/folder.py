@@ -129,9 +129,10 @@ def prepare_videos(
     jobs = [(str(path), name, settings) for path, name in zip(files, names, strict=True)]
     failures: dict[str, str] = {}
     written = 0
-    with ShardSetWriter(out, info, clips_per_shard) as writer, ProcessPoolExecutor(
-        max_workers=max(1, workers)
-    ) as pool:
+    with (
+        ShardSetWriter(out, info, clips_per_shard) as writer,
+        ProcessPoolExecutor(max_workers=max(1, workers)) as pool,
+    ):
         progress = tqdm(pool.map(_cut_or_report, jobs), total=len(jobs), unit="file", desc="prepare")
         for name, clips, failure in progress:
             if failure:

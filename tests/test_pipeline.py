@@ -1,0 +1,193 @@
+import json
+import time
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from tests.conftest import good_sample, moving_frames, npy_bytes, write_shard
+from tests.test_video import _over_report_frame_count
+from worldmodel.data.pipeline import ClipLoader, ClipSpec, ClipStream, TooManyBadSamples
+from worldmodel.data.shards import shard_paths
+from worldmodel.data.video import LOSSLESS, encode_mp4
+
+SPEC = ClipSpec(frames=4, stride=2)
+
+
+def train_loader(urls, rank, world_size, workers, batches=5):
+    stream = ClipStream(
+        urls,
+        SPEC,
+        batch_size=2,
+        train=True,
+        rank=rank,
+        world_size=world_size,
+        seed=7,
+        shuffle_buffer=8,
+        batches_per_epoch=batches,
+    )
+    return ClipLoader(stream, num_workers=workers)
+
+
+def fingerprint(batch) -> list:
+    """Keys plus a checksum of the decoded pixels: equal only if the same clips at the same starts."""
+    return [(key, int(video.sum())) for key, video in zip(batch["key"], batch["video"], strict=True)]
+
+
+def take(loader, epochs: int, stop_after: int | None = None) -> list:
+    seen = []
+    for _ in range(epochs):
+        for batch in loader:
+            seen.append(fingerprint(batch))
+            if stop_after is not None and len(seen) == stop_after:
+                return seen
+    return seen
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("stop_after", [3, 5])  # mid-epoch, and exactly at the epoch's end
+def test_resume_continues_with_exactly_the_batches_an_uninterrupted_run_sees(
+    sample_dir, world_size, workers, stop_after
+):
+    urls = shard_paths(sample_dir, "train")
+    for rank in range(world_size):
+        uninterrupted = take(train_loader(urls, rank, world_size, workers), epochs=2)
+        assert len(uninterrupted) == 10
+        first = train_loader(urls, rank, world_size, workers)
+        before = take(first, epochs=1, stop_after=stop_after)
+        state = json.loads(json.dumps(first.state_dict()))  # must survive serialization
+        resumed = train_loader(urls, rank, world_size, workers)
+        resumed.load_state_dict(state)
+        after = take(resumed, epochs=2 if stop_after < 5 else 1)
+        assert before + after == uninterrupted
+
+
+def test_epochs_differ_and_ranks_read_different_clips(sample_dir):
+    urls = shard_paths(sample_dir, "train")
+    loader = train_loader(urls, 0, 2, 0)
+    epoch0, epoch1 = take(loader, 1), take(loader, 1)
+    other_rank = take(train_loader(urls, 1, 2, 0), 1)
+    assert epoch0 != epoch1 and epoch0 != other_rank
+
+
+def test_every_rank_gets_the_same_number_of_batches(sample_dir):
+    urls = shard_paths(sample_dir, "train")[:1]  # fewer shards than streams
+    counts = [len(take(train_loader(urls, rank, 3, 2, batches=4), 1)) for rank in range(3)]
+    assert counts == [4, 4, 4]
+
+
+@pytest.mark.parametrize("root", ["sample_dir", "atari_dir"])
+def test_two_ranks_by_two_workers_read_disjoint_samples_covering_validation(root, request):
+    folder = request.getfixturevalue(root)
+    urls = shard_paths(folder, "val")
+    everything = [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False)]
+    parts = []
+    for rank in range(2):
+        stream = ClipStream(urls, ClipSpec(4), batch_size=3, train=False, rank=rank, world_size=2)
+        keys = [key for batch in ClipLoader(stream, num_workers=2) for key in batch["key"]]
+        parts.append(keys)
+        again = [key for batch in ClipLoader(stream, num_workers=2) for key in batch["key"]]
+        assert keys == again  # deterministic order
+    assert not set(parts[0]) & set(parts[1])
+    assert sorted(parts[0] + parts[1]) == sorted(everything) and len(everything) == len(set(everything))
+
+
+def bad_samples() -> dict[str, tuple[str, dict]]:
+    """One sample per kind of bad input, with the cause it must be counted under."""
+    clip = good_sample("x")
+    truncated = clip["mp4"][: len(clip["mp4"]) // 3]
+    return {
+        "truncated_mp4": ("video", {**good_sample("truncated_mp4"), "mp4": truncated}),
+        "zero_byte_mp4": ("video", {**good_sample("zero_byte_mp4"), "mp4": b""}),
+        "garbage_mp4": ("video", {**good_sample("garbage_mp4"), "mp4": b"\x00\x01garbage" * 50}),
+        "no_json": ("json", {k: v for k, v in good_sample("no_json").items() if k != "json"}),
+        "bad_json": ("json", {**good_sample("bad_json"), "json": b"{frames: eight"}),
+        "json_without_frames": ("json", {**good_sample("json_without_frames"), "json": {"fps": 10}}),
+        "short_actions": (
+            "actions",
+            {**good_sample("short_actions"), "actions.npy": npy_bytes(np.zeros(5, np.int64))},
+        ),
+        "float_actions": ("actions", {**good_sample("float_actions"), "actions.npy": npy_bytes(np.zeros(8))}),
+        "not_npy_actions": ("actions", {**good_sample("not_npy_actions"), "actions.npy": b"1,2,3"}),
+    }
+
+
+@pytest.fixture(scope="module")
+def mixed_shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mixed")
+    bad = bad_samples()
+    good = [good_sample(f"good{i:03d}", actions=True) for i in range(40)]
+    samples = good[:20] + [sample for _, sample in bad.values()] + good[20:]
+    return [write_shard(folder / "mixed-000000.tar", samples)], bad, len(good)
+
+
+def test_each_kind_of_bad_input_is_skipped_and_counted(mixed_shards, caplog):
+    urls, bad, n_good = mixed_shards
+    stream = ClipStream(urls, ClipSpec(8), batch_size=4, train=False)
+    loader = ClipLoader(stream, num_workers=0, max_skip_fraction=0.5)
+    keys = [key for batch in loader for key in batch["key"]]
+    assert len(keys) == n_good and all(key.startswith("good") for key in keys)
+    expected = {"tar": 0, "json": 0, "video": 0, "actions": 0}
+    for cause, _ in bad.values():
+        expected[cause] += 1
+    assert loader.skip_counts() == expected
+    for key in bad:  # each one logged with its key and shard
+        assert any(
+            key in record.getMessage() and "mixed-000000.tar" in record.getMessage()
+            for record in caplog.records
+        )
+
+
+def test_over_the_limit_the_run_stops_with_the_causes_named(mixed_shards):
+    urls, _, _ = mixed_shards
+    stream = ClipStream(urls, ClipSpec(8), batch_size=4, train=False)
+    loader = ClipLoader(stream, num_workers=2, max_skip_fraction=0.01)
+    with pytest.raises(TooManyBadSamples) as error:
+        list(loader)
+    message = str(error.value)
+    assert "9 of 49 samples skipped" in message
+    assert "video: 3" in message and "json: 3" in message and "actions: 3" in message
+    assert "max_skip_fraction" in message
+
+
+def test_a_training_stream_with_bad_samples_keeps_going_under_the_limit(mixed_shards):
+    urls, _, _ = mixed_shards
+    stream = ClipStream(urls, ClipSpec(8), 4, train=True, shuffle_buffer=16, batches_per_epoch=20)
+    loader = ClipLoader(stream, num_workers=2, max_skip_fraction=0.3)
+    batches = list(loader)
+    assert len(batches) == 20 and all(len(b["key"]) == 4 for b in batches)
+    assert 0 < sum(loader.skip_counts().values()) < 0.3 * sum(b["stream"]["seen"] for b in batches[-2:])
+
+
+def test_a_truncated_shard_is_counted_and_the_rest_is_read(tmp_path):
+    good = write_shard(tmp_path / "good-000000.tar", [good_sample(f"a{i}") for i in range(6)])
+    cut = tmp_path / "cut-000000.tar"
+    write_shard(cut, [good_sample(f"b{i}") for i in range(6)])
+    data = cut.read_bytes()
+    cut.write_bytes(data[: len(data) // 2 + 100])
+    stream = ClipStream([str(cut), good], ClipSpec(8), batch_size=1, train=False)
+    loader = ClipLoader(stream, max_skip_fraction=0.5)
+    keys = [batch["key"][0] for batch in loader]
+    assert [k for k in keys if k.startswith("a")] == [f"a{i}" for i in range(6)]
+    assert 1 <= len([k for k in keys if k.startswith("b")]) < 6
+    counts = loader.skip_counts()
+    assert counts["tar"] + counts["video"] >= 1  # the cut member: a tar error or a clip with no video
+
+
+def test_a_container_that_over_reports_its_frames_does_not_hang_a_worker(tmp_path):
+    sample = good_sample("liar")
+    sample["mp4"] = _over_report_frame_count(encode_mp4(moving_frames(8, 32), 10, LOSSLESS), extra=1000)
+    url = write_shard(tmp_path / "liar-000000.tar", [sample, good_sample("honest")])
+    started = time.perf_counter()
+    keys = [b["key"][0] for b in ClipLoader(ClipStream([url], ClipSpec(8), 1, train=False), num_workers=1)]
+    assert keys == ["liar", "honest"] and time.perf_counter() - started < 20
+
+
+def test_samples_without_actions_get_the_null_action_and_with_actions_the_stride(mixed_shards, tmp_path):
+    url = write_shard(tmp_path / "plain-000000.tar", [{k: v for k, v in good_sample("p").items()}])
+    plain = next(iter(ClipStream([url], SPEC, 1, train=False)))
+    assert plain["actions"].tolist() == [[-1, -1, -1, -1]]
+    url = write_shard(tmp_path / "acts-000000.tar", [good_sample("q", actions=True)])
+    acted = next(iter(ClipStream([url], SPEC, 1, train=False)))
+    assert acted["actions"].tolist() == [[0, 2, 4, 6]]  # frames 0, 2, 4, 6 and their actions
