@@ -72,7 +72,7 @@ class ShardSetWriter:
         if writer is None:
             pattern = str(self.out_dir / f"{split}-%06d.tar")
             writer = self._writers[split] = wds.ShardWriter(
-                pattern, maxcount=self.clips_per_shard, maxsize=1e12, verbose=0
+                pattern, maxcount=self.clips_per_shard, maxsize=1e12, verbose=0, mtime=0
             )
         sample = {"__key__": clip.key, "mp4": clip.mp4, "json": clip.meta}
         if clip.actions is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import sys
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -144,7 +145,11 @@ def prepare_videos(
     report = {"files": len(files), "clips": written, "failed": failures}
     write_json_atomic(Path(out) / REPORT_NAME, report)
     for name, reason in failures.items():
-        tqdm.write(f"skipped {name}: {reason}")
+        tqdm.write(f"skipped {name}: {reason}", file=sys.stderr)
+    if failures:
+        tqdm.write(
+            f"{len(failures)} of {len(files)} files skipped; see {Path(out) / REPORT_NAME}", file=sys.stderr
+        )
     return read_index(out)
 
 

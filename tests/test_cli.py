@@ -1,0 +1,57 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLDMODEL = Path(sys.executable).with_name("worldmodel")
+
+
+def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_prepare_sample_then_inspect_from_the_command_line(tmp_path):
+    out = tmp_path / "sample"
+    prepared = run(str(WORLDMODEL), "prepare", "sample", "--out", str(out))
+    assert prepared.returncode == 0, prepared.stderr
+    assert "train 81 clips in 3 shards, val 30 clips in 1 shards" in prepared.stdout
+    inspected = run(
+        str(WORLDMODEL), "inspect", str(out), "--batches", "2", "--batch-size", "3", "--workers", "2"
+    )
+    assert inspected.returncode == 0, inspected.stderr
+    assert "batch 1: video (3, 16, 64, 64, 3) torch.uint8" in inspected.stdout
+    assert "read 6 clips" in inspected.stdout
+
+
+def test_prepare_atari_rejects_an_unknown_game_by_name(tmp_path):
+    result = run(
+        str(WORLDMODEL),
+        "prepare",
+        "atari",
+        "--games",
+        "Pong,NotAGame",
+        "--episodes",
+        "1",
+        "--out",
+        str(tmp_path),
+    )
+    assert result.returncode != 0 and "NotAGame" in result.stderr
+
+
+def test_prepare_folder_reports_unreadable_files(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "broken.webm").write_bytes(b"\x1a\x45\xdf\xa3 not really")
+    result = run(str(WORLDMODEL), "prepare", "folder", str(tmp_path / "src"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert "skipped broken.webm" in result.stderr
+    report = json.loads((tmp_path / "out" / "prepare_report.json").read_text())
+    assert list(report["failed"]) == ["broken.webm"]
+
+
+def test_train_entry_point_fails_at_startup_naming_the_bad_field(tmp_path):
+    result = run(sys.executable, "train.py", "data.frames=0")
+    assert result.returncode != 0 and "data.frames: must be >= 1" in result.stderr
