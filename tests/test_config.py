@@ -50,3 +50,19 @@ def test_data_module_streams_batches_of_the_per_device_size(sample_dir):
     batches = list(data.train_dataloader())
     assert len(batches) == 2 and batches[0]["video"].shape == (2, 8, 64, 64, 3)
     assert sum(len(b["key"]) for b in data.val_dataloader()) == 15  # half of the 30 validation clips
+
+
+def test_shards_from_brace_patterns_and_pipe_urls(sample_dir):
+    config = DataConfig(
+        root=None,
+        train_shards=[f"{sample_dir}/train-{{000000..000002}}.tar"],
+        val_shards=[f"pipe:cat {sample_dir}/val-000000.tar"],
+        frames=8,
+        global_batch_size=5,
+        num_workers=0,
+        batches_per_epoch=3,
+    )
+    data = VideoDataModule(config)
+    assert len(data._urls("train")) == 3
+    assert [len(b["key"]) for b in data.train_dataloader()] == [5, 5, 5]
+    assert sum(len(b["key"]) for b in data.val_dataloader()) == 30

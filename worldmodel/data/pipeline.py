@@ -200,9 +200,9 @@ class ClipStream(IterableDataset):
         due = range(worker, self.batches_per_epoch, n_workers)  # this worker's batch indices
         remaining = sum(1 for index in due if index >= self.resume.consumed)
         batch: list[dict] = []
+        if remaining == 0:
+            return
         for position, sample in enumerate(samples):
-            if remaining == 0:
-                return
             if position < resume_at:
                 continue  # used before the checkpoint: read, not decoded
             reading.replaying = False
@@ -214,6 +214,8 @@ class ClipStream(IterableDataset):
             if len(batch) == self.batch_size:
                 yield _collate(batch, progress)
                 batch, remaining = [], remaining - 1
+                if remaining == 0:
+                    return
 
     def _val_batches(self, worker: int, n_workers: int, progress: WorkerProgress) -> Iterator[dict]:
         stream_id = self.rank * n_workers + worker
