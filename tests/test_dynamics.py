@@ -56,11 +56,11 @@ def test_generation_returns_valid_ids_of_the_requested_shape_deterministic_under
     torch.manual_seed(0)
     model = Dynamics(DEBUG).eval()
     tokens, actions = tokens_and_actions(frames=6)
-    run = (
-        lambda seed: model.generate(  # noqa: E731
-            tokens[:, :2], actions, frames=3, steps=4, top_k=8, generator=torch.Generator().manual_seed(seed)
-        )
-    )
+
+    def run(seed: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return model.generate(tokens[:, :2], actions, frames=3, steps=4, top_k=8, generator=generator)
+
     first, again, other = run(1), run(1), run(2)
     assert first.shape == (2, 3, 4, 4) and first.dtype == torch.int64
     assert first.min() >= 0 and first.max() < DEBUG.vocab_size
