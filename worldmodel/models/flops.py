@@ -1,0 +1,59 @@
+"""Parameter counts, training FLOPs per token and MFU, from one formula per architecture.
+
+Training FLOPs per token = 6 * (parameters used in matmuls per token) + the attention term:
+each layer's QK^T and AV cost 2 * 2 * D flops per attended pair in the forward pass, x3 for
+forward + backward. Spatial attention attends over the h*w tokens of a frame, temporal over the
+T frames at a position (counted in full, as is usual for causal attention budgets):
+12 * layers * D * (h*w + T).
+"""
+
+from __future__ import annotations
+
+from worldmodel.models.dynamics import DynamicsConfig
+from worldmodel.models.tokenizer import TokenizerConfig
+
+
+def st_block_parameters(dim: int, mlp_ratio: float = 4.0) -> int:
+    """Two attentions (qkv + out, no bias), a 2-layer MLP (no bias), three LayerNorms."""
+    hidden = int(dim * mlp_ratio)
+    return 2 * 4 * dim * dim + 2 * dim * hidden + 3 * 2 * dim
+
+
+def st_transformer_parameters(dim: int, depth: int, mlp_ratio: float = 4.0) -> int:
+    return depth * st_block_parameters(dim, mlp_ratio) + 2 * dim  # + final LayerNorm
+
+
+def dynamics_parameters(config: DynamicsConfig) -> int:
+    dim = config.dim
+    embeddings = (config.vocab_size + 1) * dim + (config.num_actions + 1) * dim
+    head = dim * config.vocab_size
+    return embeddings + st_transformer_parameters(dim, config.depth, config.mlp_ratio) + head
+
+
+def _conv(c_in: int, c_out: int, kernel: int) -> int:
+    return c_in * c_out * kernel * kernel + c_out
+
+
+def tokenizer_parameters(config: TokenizerConfig) -> int:
+    widths = config.stage_channels()
+    codes, dim = len(config.levels), config.dim
+    convs = _conv(3, widths[0], 3) + _conv(widths[-1], dim, 1)  # encoder stem and projection
+    convs += sum(_conv(a, b, 4) for a, b in zip(widths, widths[1:], strict=False))  # downsampling
+    convs += _conv(dim, widths[-1], 1) + _conv(widths[0], 3, 3)  # decoder projection and head
+    convs += sum(_conv(b, a, 4) for a, b in zip(widths, widths[1:], strict=False))  # upsampling
+    linears = (dim * codes + codes) + (codes * dim + dim)  # to and from the FSQ code
+    return convs + linears + 2 * st_transformer_parameters(dim, config.depth)
+
+
+def dynamics_flops_per_token(config: DynamicsConfig, frames: int, tokens_per_frame: int) -> float:
+    """Training FLOPs per token (forward + backward) of the dynamics model."""
+    matmul_parameters = st_transformer_parameters(config.dim, config.depth, config.mlp_ratio) + (
+        config.dim * config.vocab_size
+    )
+    attention = 12 * config.depth * config.dim * (tokens_per_frame + frames)
+    return 6 * matmul_parameters + attention
+
+
+def mfu(flops_per_token: float, tokens_per_second: float, peak_flops: float) -> float:
+    """Model FLOPs utilization: achieved training FLOP/s over the hardware's peak."""
+    return flops_per_token * tokens_per_second / peak_flops

@@ -1,0 +1,47 @@
+"""Named sizes: `tokenizer_*` and `dynamics_*`, from a test-sized `debug` to 7B parameters.
+
+Dynamics widths and depths follow the GPT-style ladder (head width 64-128, depth growing with
+width); each ST block holds two attentions and an MLP, about 16 * dim^2 parameters. The counts
+in the comments come from worldmodel.models.flops (checked against the modules in the tests).
+"""
+
+from __future__ import annotations
+
+from worldmodel.models.dynamics import DynamicsConfig
+from worldmodel.models.tokenizer import TokenizerConfig
+
+TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
+    "tokenizer_debug": TokenizerConfig(
+        levels=[8, 5, 5, 5], downsample=4, channels=16, dim=32, depth=1, heads=2
+    ),
+    "tokenizer_s": TokenizerConfig(
+        levels=[8, 8, 8, 5, 5, 5], downsample=4, channels=64, dim=256, depth=4, heads=4
+    ),
+    "tokenizer_m": TokenizerConfig(
+        levels=[8, 8, 8, 5, 5, 5], downsample=8, channels=96, dim=512, depth=8, heads=8
+    ),
+    "tokenizer_l": TokenizerConfig(
+        levels=[8, 8, 8, 5, 5, 5], downsample=16, channels=128, dim=768, depth=12, heads=12
+    ),
+}
+
+DYNAMICS_PRESETS: dict[str, DynamicsConfig] = {
+    "dynamics_debug": DynamicsConfig(dim=32, depth=2, heads=2),  # ~0.1M
+    "dynamics_s": DynamicsConfig(dim=512, depth=8, heads=8),  # ~35M
+    "dynamics_m": DynamicsConfig(dim=768, depth=12, heads=12),  # ~115M
+    "dynamics_l": DynamicsConfig(dim=1024, depth=20, heads=16),  # ~340M
+    "dynamics_xl": DynamicsConfig(dim=1536, depth=16, heads=16),  # ~610M
+    "dynamics_1b": DynamicsConfig(dim=2048, depth=16, heads=16),  # ~1.1B
+    "dynamics_3b": DynamicsConfig(dim=2560, depth=28, heads=20),  # ~2.9B
+    "dynamics_7b": DynamicsConfig(dim=4096, depth=26, heads=32),  # ~7.0B
+}
+
+
+def preset(name: str) -> TokenizerConfig | DynamicsConfig:
+    """A copy of the named preset's config."""
+    from dataclasses import replace
+
+    table = {**TOKENIZER_PRESETS, **DYNAMICS_PRESETS}
+    if name not in table:
+        raise KeyError(f"unknown model preset {name!r}; choose one of {sorted(table)}")
+    return replace(table[name])
