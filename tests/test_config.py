@@ -66,3 +66,10 @@ def test_shards_from_brace_patterns_and_pipe_urls(sample_dir):
     assert len(data._urls("train")) == 3
     assert [len(b["key"]) for b in data.train_dataloader()] == [5, 5, 5]
     assert sum(len(b["key"]) for b in data.val_dataloader()) == 30
+
+
+def test_shard_urls_without_validation_urls_are_rejected_by_name():
+    with pytest.raises(ConfigError, match="data.val_shards"):
+        DataConfig(root=None, train_shards=["/x/train-{000000..000001}.tar"])
+    with pytest.raises(ConfigError, match="data.seed"):
+        DataConfig(seed=-1)

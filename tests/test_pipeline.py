@@ -184,10 +184,30 @@ def test_a_container_that_over_reports_its_frames_does_not_hang_a_worker(tmp_pat
     assert keys == ["liar", "honest"] and time.perf_counter() - started < 20
 
 
-def test_samples_without_actions_get_the_null_action_and_with_actions_the_stride(mixed_shards, tmp_path):
+def test_samples_without_actions_get_the_null_action_and_with_actions_the_stride(tmp_path):
     url = write_shard(tmp_path / "plain-000000.tar", [{k: v for k, v in good_sample("p").items()}])
     plain = next(iter(ClipStream([url], SPEC, 1, train=False)))
     assert plain["actions"].tolist() == [[-1, -1, -1, -1]]
     url = write_shard(tmp_path / "acts-000000.tar", [good_sample("q", actions=True)])
     acted = next(iter(ClipStream([url], SPEC, 1, train=False)))
     assert acted["actions"].tolist() == [[0, 2, 4, 6]]  # frames 0, 2, 4, 6 and their actions
+
+
+def test_the_epoch_is_judged_after_its_last_batch_even_if_the_iterator_is_not_exhausted(mixed_shards):
+    urls, _, _ = mixed_shards  # 9 of 49 samples are bad: over a 5% limit
+    stream = ClipStream(urls, ClipSpec(8), 4, train=True, shuffle_buffer=16, batches_per_epoch=5)
+    loader = ClipLoader(stream, num_workers=0, max_skip_fraction=0.05)
+    iterator = iter(loader)
+    with pytest.raises(TooManyBadSamples):
+        for _ in range(len(loader)):  # what Lightning does: stop after len() batches
+            next(iterator)
+
+
+def test_a_missing_validation_shard_is_counted_once_whatever_the_workers(tmp_path):
+    good = write_shard(tmp_path / "val-000000.tar", [good_sample(f"v{i}") for i in range(6)])
+    missing = str(tmp_path / "val-000001.tar")
+    for workers in (0, 2):
+        stream = ClipStream([good, missing], ClipSpec(8), batch_size=2, train=False)
+        loader = ClipLoader(stream, num_workers=workers, max_skip_fraction=0.5)
+        assert sum(len(batch["key"]) for batch in loader) == 6
+        assert loader.skip_counts()["tar"] == 1, workers

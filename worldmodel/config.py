@@ -43,6 +43,12 @@ class DataConfig:
             "data.root",
             "set a prepared folder (data.root) or shard URLs (data.train_shards)",
         )
+        _require(
+            self.train_shards is None or self.val_shards is not None or self.root is not None,
+            "data.val_shards",
+            "set validation shard URLs too when data.train_shards replaces data.root",
+        )
+        _require(self.seed >= 0, "data.seed", f"must be >= 0, got {self.seed}")
         for name in ("frames", "stride", "global_batch_size", "batches_per_epoch", "shuffle_buffer"):
             _require(getattr(self, name) >= 1, f"data.{name}", f"must be >= 1, got {getattr(self, name)}")
         _require(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")

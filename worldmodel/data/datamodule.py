@@ -22,7 +22,8 @@ class VideoDataModule(L.LightningDataModule):
         super().__init__()
         self.config = config
         self._rank, self._world_size = rank, world_size
-        self.index = read_index(config.root) if config.root else None
+        # Shard URLs, when given, replace the prepared folder (and its dataset.json) entirely.
+        self.index = read_index(config.root) if config.root and not config.train_shards else None
         self.spec = self._clip_spec()
         self.train_loader: ClipLoader | None = None
 
@@ -80,7 +81,8 @@ class VideoDataModule(L.LightningDataModule):
         patterns = self.config.train_shards if split == "train" else self.config.val_shards
         urls = expand_shards(patterns) if patterns else shard_paths(self.config.root, split)
         if not urls:
-            raise ConfigError(f"data: no {split} shards in {patterns or self.config.root}")
+            field = f"data.{split}_shards" if patterns else "data.root"
+            raise ConfigError(f"{field}: no {split} shards in {patterns or self.config.root}")
         return urls
 
     def _stream(self, split: str) -> ClipStream:

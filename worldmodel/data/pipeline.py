@@ -173,7 +173,9 @@ class ClipStream(IterableDataset):
 
     def _tar_samples(self, urls, progress: WorkerProgress, reading: _ReadState) -> Iterator[dict]:
         def on_error(error: Exception) -> bool:
-            if not reading.replaying:  # errors met while replaying were counted before
+            # Errors met while replaying were counted before; every validation stream reads every
+            # shard, so only the first one counts shard-level errors there.
+            if not reading.replaying and reading.counts_tar_errors:
                 progress.skip("tar", "shard", f"{type(error).__name__}: {error}")
             return True  # keep reading the next member / shard
 
@@ -220,8 +222,12 @@ class ClipStream(IterableDataset):
     def _val_batches(self, worker: int, n_workers: int, progress: WorkerProgress) -> Iterator[dict]:
         stream_id = self.rank * n_workers + worker
         n_streams = self.world_size * n_workers
+        # A full batch is held back until the next one fills, so the last batch handed out
+        # carries the counts of everything read, shard errors after the last sample included.
         batch: list[dict] = []
-        for index, sample in enumerate(self._tar_samples(self.urls, progress, _ReadState())):
+        held: list[dict] = []
+        reading = _ReadState(counts_tar_errors=stream_id == 0)
+        for index, sample in enumerate(self._tar_samples(self.urls, progress, reading)):
             if index % n_streams != stream_id:
                 continue
             progress.position = index + 1
@@ -229,10 +235,12 @@ class ClipStream(IterableDataset):
             if clip is not None:
                 batch.append(clip)
             if len(batch) == self.batch_size:
-                yield _collate(batch, progress)
-                batch = []
-        if batch:
-            yield _collate(batch, progress)
+                if held:
+                    yield _collate(held, progress)
+                held, batch = batch, []
+        for last in (held, batch):
+            if last:
+                yield _collate(last, progress)
 
     def _decode_or_skip(self, sample: dict, rng, progress: WorkerProgress) -> dict | None:
         progress.seen += 1
@@ -248,6 +256,7 @@ class ClipStream(IterableDataset):
 class _ReadState:
     samples: int = 0  # samples read from tars so far
     replaying: bool = False  # still skipping samples used before a resume
+    counts_tar_errors: bool = True
 
 
 def _resampled(pool: list[str], rng: random.Random, reading: _ReadState) -> Iterator[str]:
@@ -323,7 +332,8 @@ class ClipLoader:
         progress = WorkerProgress(**batch["stream"])
         self._point.progress[progress.worker] = progress
         self._point.consumed += 1
-        self._check_skips(final=False)
+        # Lightning stops after len() batches without exhausting the iterator: judge the epoch here.
+        self._check_skips(final=self.stream.train and self._point.consumed == self.stream.batches_per_epoch)
 
     @property
     def epoch(self) -> int:
@@ -383,7 +393,7 @@ class ClipLoader:
                 self.stream.world_size,
                 state["epoch"],
             )
-        if point.consumed >= self.stream.batches_per_epoch:  # saved at the end of an epoch
+        if state["consumed"] >= self.stream.batches_per_epoch:  # saved at the end of an epoch
             point = ResumePoint(epoch=point.epoch + 1)
         self._point = point
         self._epoch_started = False

@@ -103,14 +103,16 @@ def iter_frames(path: str, fps: float | None = None) -> Iterator[tuple[float, np
         source_fps = float(stream.average_rate or stream.guessed_rate or 0) or None
         half_frame = 0.5 / source_fps if source_fps else 0.0
         next_index = 0
+        first_time = None  # streams need not start at t = 0; target times count from the first frame
         for frame in container.decode(stream):
             if frame.time is None:
                 continue
+            first_time = frame.time if first_time is None else first_time
             if fps is None:
                 yield frame.time, frame.to_ndarray(format="rgb24")
                 continue
             rgb = None
-            while frame.time + half_frame >= next_index / fps:
+            while frame.time - first_time + half_frame >= next_index / fps:
                 rgb = frame.to_ndarray(format="rgb24") if rgb is None else rgb
                 yield next_index / fps, rgb
                 next_index += 1

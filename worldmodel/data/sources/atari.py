@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import zlib
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -66,7 +67,7 @@ def make_env(game: str, settings: AtariSettings):
 
 def episode_seed(settings: AtariSettings, game: str, episode: int) -> int:
     """A distinct, reproducible seed per (game, episode)."""
-    game_code = int.from_bytes(game.encode()[:4].ljust(4, b"\0"), "little")
+    game_code = zlib.crc32(game.encode())  # the whole name: Asteroids and Asterix differ
     return (settings.seed * 1_000_003 + game_code * 10_007 + episode) % (2**31)
 
 
