@@ -211,3 +211,25 @@ def test_a_missing_validation_shard_is_counted_once_whatever_the_workers(tmp_pat
         loader = ClipLoader(stream, num_workers=workers, max_skip_fraction=0.5)
         assert sum(len(batch["key"]) for batch in loader) == 6
         assert loader.skip_counts()["tar"] == 1, workers
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skip_counts_survive_a_resume_exactly(tmp_path, workers):
+    urls = [
+        write_shard(tmp_path / f"small-{n:06d}.tar", [good_sample(f"s{n}_{i}") for i in range(3)])
+        for n in range(4)
+    ]
+    urls += [str(tmp_path / f"missing-{n:06d}.tar") for n in range(2)]  # each stream's slice has one
+
+    def loader():
+        stream = ClipStream(urls, SPEC, 2, train=True, seed=3, shuffle_buffer=4, batches_per_epoch=8)
+        return ClipLoader(stream, num_workers=workers, max_skip_fraction=0.9)
+
+    uninterrupted = loader()
+    expected = take(uninterrupted, epochs=1)
+    first = loader()
+    before = take(first, epochs=1, stop_after=5)
+    resumed = loader()
+    resumed.load_state_dict(first.state_dict())
+    assert before + take(resumed, epochs=1) == expected
+    assert resumed.skip_counts() == uninterrupted.skip_counts() and uninterrupted.skip_counts()["tar"] > 0

@@ -167,15 +167,17 @@ class ClipStream(IterableDataset):
         # the next batch is due from logical worker `consumed % n_workers`: rotate the roles.
         logical = (physical + self.resume.consumed) % n_workers
         progress = self.resume.progress.get(logical, WorkerProgress(logical)).copy()
+        # Streams are numbered across ranks: rank r's worker w is stream r * workers + w.
+        stream_id, n_streams = self.rank * n_workers + logical, self.world_size * n_workers
         if self.train:
-            return self._train_batches(logical, n_workers, progress)
-        return self._val_batches(logical, n_workers, progress)
+            return self._train_batches(logical, n_workers, stream_id, n_streams, progress)
+        return self._val_batches(stream_id, n_streams, progress)
 
     def _tar_samples(self, urls, progress: WorkerProgress, reading: _ReadState) -> Iterator[dict]:
         def on_error(error: Exception) -> bool:
-            # Errors met while replaying were counted before; every validation stream reads every
-            # shard, so only the first one counts shard-level errors there.
-            if not reading.replaying and reading.counts_tar_errors:
+            reading.errors += 1
+            # A resumed stream meets again, in the same order, the errors it counted before.
+            if reading.counts_tar_errors and reading.errors > reading.errors_counted_before:
                 progress.skip("tar", "shard", f"{type(error).__name__}: {error}")
             return True  # keep reading the next member / shard
 
@@ -186,15 +188,15 @@ class ClipStream(IterableDataset):
 
         return counted(wds.tarfile_to_samples(handler=on_error)({"url": url} for url in urls))
 
-    def _train_batches(self, worker: int, n_workers: int, progress: WorkerProgress) -> Iterator[dict]:
-        stream_id = self.rank * n_workers + worker
-        n_streams = self.world_size * n_workers
+    def _train_batches(
+        self, worker: int, n_workers: int, stream_id: int, n_streams: int, progress: WorkerProgress
+    ) -> Iterator[dict]:
         epoch = self.resume.epoch
         # Each stream resamples from its own slice of the shards when there are enough of them.
         pool = self.urls[stream_id::n_streams] if len(self.urls) >= n_streams else self.urls
         shard_rng = random.Random(f"shards-{self.seed}-{epoch}-{stream_id}")
         resume_at = progress.position
-        reading = _ReadState(replaying=resume_at > 0)
+        reading = _ReadState(errors_counted_before=progress.skipped["tar"])
         samples = self._tar_samples(_resampled(pool, shard_rng, reading), progress, reading)
         shuffle_rng = random.Random(f"shuffle-{self.seed}-{epoch}-{stream_id}")
         samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=shuffle_rng)(samples)
@@ -207,7 +209,6 @@ class ClipStream(IterableDataset):
         for position, sample in enumerate(samples):
             if position < resume_at:
                 continue  # used before the checkpoint: read, not decoded
-            reading.replaying = False
             progress.position = position + 1
             start_rng = np.random.default_rng([self.seed, epoch, stream_id, position])
             clip = self._decode_or_skip(sample, start_rng, progress)
@@ -219,14 +220,12 @@ class ClipStream(IterableDataset):
                 if remaining == 0:
                     return
 
-    def _val_batches(self, worker: int, n_workers: int, progress: WorkerProgress) -> Iterator[dict]:
-        stream_id = self.rank * n_workers + worker
-        n_streams = self.world_size * n_workers
+    def _val_batches(self, stream_id: int, n_streams: int, progress: WorkerProgress) -> Iterator[dict]:
         # A full batch is held back until the next one fills, so the last batch handed out
         # carries the counts of everything read, shard errors after the last sample included.
         batch: list[dict] = []
         held: list[dict] = []
-        reading = _ReadState(counts_tar_errors=stream_id == 0)
+        reading = _ReadState(counts_tar_errors=stream_id == 0)  # every stream reads every shard
         for index, sample in enumerate(self._tar_samples(self.urls, progress, reading)):
             if index % n_streams != stream_id:
                 continue
@@ -255,7 +254,8 @@ class ClipStream(IterableDataset):
 @dataclass
 class _ReadState:
     samples: int = 0  # samples read from tars so far
-    replaying: bool = False  # still skipping samples used before a resume
+    errors: int = 0  # tar read errors met so far
+    errors_counted_before: int = 0  # of those, how many a resumed stream already counted
     counts_tar_errors: bool = True
 
 
@@ -371,26 +371,41 @@ class ClipLoader:
             "consumed": self._point.consumed,
             "num_workers": max(1, self.num_workers),
             "world_size": self.stream.world_size,
+            "stream": self._signature(),
             "progress": {w: vars(p.copy()) for w, p in self._point.progress.items()},
+        }
+
+    def _signature(self) -> dict:
+        """What the positions depend on besides the layout: change any and they mean other samples."""
+        stream = self.stream
+        return {
+            "seed": stream.seed,
+            "batch_size": stream.batch_size,
+            "shuffle_buffer": stream.shuffle_buffer,
+            "batches_per_epoch": stream.batches_per_epoch,
+            "shards": len(stream.urls),
         }
 
     def load_state_dict(self, state: dict) -> None:
         point = ResumePoint(epoch=state["epoch"])
-        same_layout = (state["num_workers"], state["world_size"]) == (
+        same_layout = (state["num_workers"], state["world_size"], state["stream"]) == (
             max(1, self.num_workers),
             self.stream.world_size,
+            self._signature(),
         )
         if same_layout:
             point.consumed = state["consumed"]
             point.progress = {int(w): WorkerProgress(**p) for w, p in state["progress"].items()}
         else:
             log.warning(
-                "data position saved with %s workers x %s ranks, resuming with %s x %s: "
+                "data position saved with %s workers x %s ranks and %s, resuming with %s x %s and %s: "
                 "epoch %s restarts from its first batch",
                 state["num_workers"],
                 state["world_size"],
+                state["stream"],
                 max(1, self.num_workers),
                 self.stream.world_size,
+                self._signature(),
                 state["epoch"],
             )
         if state["consumed"] >= self.stream.batches_per_epoch:  # saved at the end of an epoch
