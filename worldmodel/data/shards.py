@@ -66,7 +66,10 @@ class ShardSetWriter:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if clip.key in self._keys:
-            raise ValueError(f"duplicate sample key {clip.key!r}")
+            raise ValueError(
+                f"duplicate sample key {clip.key!r} (from {clip.meta.get('source')}): two sources map to one "
+                "key after replacing characters other than letters, digits, - and _; rename one"
+            )
         self._keys.add(clip.key)
         writer = self._writers.get(split)
         if writer is None:

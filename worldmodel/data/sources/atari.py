@@ -10,17 +10,15 @@ set, so one model can train on several games.
 
 from __future__ import annotations
 
-import math
 import os
 import zlib
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm import tqdm
 
-from worldmodel.data.shards import Clip, DatasetInfo, ShardSetWriter, read_index, safe_key
+from worldmodel.data.shards import Clip, DatasetInfo, read_index, safe_key
+from worldmodel.data.sources import shard_in_parallel, validation_count
 from worldmodel.data.video import LOSSLESS, encode_mp4, resize_frame
 
 FULL_ACTION_SET_SIZE = 18
@@ -130,6 +128,10 @@ def record_episode(job: tuple[str, int, AtariSettings]) -> list[Clip]:
     return clips
 
 
+def _record(job: tuple[str, int, AtariSettings]) -> tuple[list[Clip], None]:
+    return record_episode(job), None  # a failing emulator is a bug to surface, not a bad file
+
+
 def prepare_atari(
     games: Sequence[str],
     episodes: int,
@@ -144,7 +146,7 @@ def prepare_atari(
         raise ValueError("need at least one game and one episode")
     for game in games:  # fail on a misspelled game before spending minutes on the others
         make_env(game, settings).close()
-    n_val = math.ceil(val_fraction * episodes) if episodes > 1 else 0
+    n_val = validation_count(episodes, val_fraction)
     jobs = [(game, episode, settings) for game in games for episode in range(episodes)]
     info = DatasetInfo(
         frames_per_clip=settings.frames,
@@ -154,16 +156,6 @@ def prepare_atari(
         num_actions=FULL_ACTION_SET_SIZE,
         source={"kind": "atari", "games": list(games), "episodes": episodes, **vars(settings)},
     )
-    written = 0
-    with (
-        ShardSetWriter(out, info, clips_per_shard) as writer,
-        ProcessPoolExecutor(max_workers=max(1, workers)) as pool,
-    ):
-        progress = tqdm(pool.map(record_episode, jobs), total=len(jobs), unit="episode", desc="atari")
-        for (_, episode, _), clips in zip(jobs, progress, strict=True):
-            split = "val" if episode >= episodes - n_val else "train"
-            for clip in clips:
-                writer.write(split, clip)
-            written += len(clips)
-            progress.set_postfix(clips=written)
+    splits = ["val" if episode >= episodes - n_val else "train" for _, episode, _ in jobs]
+    shard_in_parallel(_record, jobs, splits, out, info, clips_per_shard, workers, "episode")
     return read_index(out)

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import sys
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,11 +15,11 @@ from tqdm import tqdm
 from worldmodel.data.shards import (
     Clip,
     DatasetInfo,
-    ShardSetWriter,
     read_index,
     safe_key,
     write_json_atomic,
 )
+from worldmodel.data.sources import shard_in_parallel, validation_count
 from worldmodel.data.video import EncodeSettings, encode_mp4, iter_frames, resize_short_side_center_crop
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov")
@@ -63,10 +61,8 @@ def split_by_file(names: Sequence[str], val_fraction: float) -> dict[str, str]:
     the fraction is positive and there are two or more files), so clips of one source video
     never land on both sides.
     """
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     ranked = sorted(names, key=lambda name: hashlib.sha256(name.encode()).hexdigest())
-    n_val = math.ceil(val_fraction * len(ranked)) if len(ranked) > 1 else 0
+    n_val = validation_count(len(ranked), val_fraction)
     return {name: ("val" if rank < n_val else "train") for rank, name in enumerate(ranked)}
 
 
@@ -95,15 +91,15 @@ def cut_clips(path: str, name: str, settings: ClipSettings) -> list[Clip]:
     return clips
 
 
-def _cut_or_report(job: tuple[str, str, ClipSettings]) -> tuple[str, list[Clip], str | None]:
+def _cut_or_report(job: tuple[str, str, ClipSettings]) -> tuple[list[Clip], str | None]:
     path, name, settings = job
     try:
         clips = cut_clips(path, name, settings)
     except Exception as error:  # any unreadable file is reported, never fatal to the job
-        return name, [], f"{type(error).__name__}: {error}"
+        return [], f"{type(error).__name__}: {error}"
     if not clips:
-        return name, [], f"shorter than one clip ({settings.frames} frames at {settings.fps} fps)"
-    return name, clips, None
+        return [], f"shorter than one clip ({settings.frames} frames at {settings.fps} fps)"
+    return clips, None
 
 
 def prepare_videos(
@@ -128,20 +124,11 @@ def prepare_videos(
         source=source_note or {"kind": "folder", "root": str(root)},
     )
     jobs = [(str(path), name, settings) for path, name in zip(files, names, strict=True)]
-    failures: dict[str, str] = {}
-    written = 0
-    with (
-        ShardSetWriter(out, info, clips_per_shard) as writer,
-        ProcessPoolExecutor(max_workers=max(1, workers)) as pool,
-    ):
-        progress = tqdm(pool.map(_cut_or_report, jobs), total=len(jobs), unit="file", desc="prepare")
-        for name, clips, failure in progress:
-            if failure:
-                failures[name] = failure
-            for clip in clips:
-                writer.write(split_of[name], clip)
-            written += len(clips)
-            progress.set_postfix(clips=written, failed=len(failures))
+    splits = [split_of[name] for name in names]
+    written, failed = shard_in_parallel(
+        _cut_or_report, jobs, splits, out, info, clips_per_shard, workers, "file"
+    )
+    failures = {names[number]: reason for number, reason in failed.items()}
     report = {"files": len(files), "clips": written, "failed": failures}
     write_json_atomic(Path(out) / REPORT_NAME, report)
     for name, reason in failures.items():
