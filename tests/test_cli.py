@@ -55,3 +55,17 @@ def test_prepare_folder_reports_unreadable_files(tmp_path):
 def test_train_entry_point_fails_at_startup_naming_the_bad_field(tmp_path):
     result = run(sys.executable, "train.py", "data.frames=0")
     assert result.returncode != 0 and "data.frames: must be >= 1" in result.stderr
+
+
+def test_info_shows_parameters_flops_and_which_strategies_fit():
+    result = run(str(WORLDMODEL), "info", "dynamics_7b", "--gpus", "8", "--micro-batch", "1")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("dynamics_7b: 6967.4M parameters")
+    assert "GFLOP per token" in lines[1]
+    rows = {line.split()[0]: line.split() for line in lines[4:]}
+    assert rows["ddp"][-1] == "no" and rows["zero3"][-1] == "yes"
+    tokenizer = run(str(WORLDMODEL), "info", "tokenizer_m", "--size", "256")
+    assert "64000 codes" in tokenizer.stdout and "32x32 tokens" in tokenizer.stdout
+    unknown = run(str(WORLDMODEL), "info", "dynamics_huge")
+    assert unknown.returncode != 0 and "dynamics_7b" in unknown.stderr

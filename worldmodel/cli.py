@@ -1,8 +1,9 @@
-"""The `worldmodel` command: prepare shards and look inside them."""
+"""The `worldmodel` command: prepare shards, look inside them, size up models."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -44,6 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = prepare.add_parser("sample", help="the embedded default dataset (real footage, offline)")
     sample.add_argument("--out", required=True)
+
+    info = commands.add_parser("info", help="parameters, FLOPs and per-GPU memory of a model preset")
+    info.add_argument("model", help="a preset name, e.g. dynamics_l or tokenizer_m")
+    info.add_argument("--frames", type=int, default=16, help="frames per clip (T)")
+    info.add_argument("--size", type=int, default=256, help="frame height and width in pixels")
+    info.add_argument("--downsample", type=int, default=16, help="tokenizer's spatial reduction")
+    info.add_argument("--vocab", type=int, default=64000, help="tokenizer vocabulary (FSQ codebook)")
+    info.add_argument("--micro-batch", type=int, default=1, help="clips per GPU per forward")
+    info.add_argument("--gpus", type=int, default=8, help="GPUs in the job")
+    info.add_argument("--precision", choices=("bf16-mixed", "32-true"), default="bf16-mixed")
+    info.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU, for the fits column")
 
     inspect = commands.add_parser("inspect", help="stream a few batches from a prepared folder")
     inspect.add_argument("root", help="folder with dataset.json")
@@ -104,8 +116,72 @@ def _inspect(args: argparse.Namespace) -> None:
     print(f"read {clips} clips in {elapsed:.2f} s; skipped by cause: {loader.skip_counts()}")
 
 
+def _info(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from worldmodel.models.flops import dynamics_flops_per_token, dynamics_parameters, tokenizer_parameters
+    from worldmodel.models.memory import STRATEGIES, training_memory
+    from worldmodel.models.presets import preset
+    from worldmodel.models.tokenizer import TokenizerConfig
+
+    config = preset(args.model)
+    if isinstance(config, TokenizerConfig):
+        grid = args.size // config.downsample
+        print(
+            f"{args.model}: {tokenizer_parameters(config) / 1e6:.1f}M parameters, vocabulary "
+            f"{config.levels} = {math.prod(config.levels)} codes, {args.size}x{args.size} frames -> "
+            f"{grid}x{grid} tokens"
+        )
+        return
+    config = replace(config, vocab_size=args.vocab)
+    grid = args.size // args.downsample
+    tokens = args.frames * grid * grid
+    flops = dynamics_flops_per_token(config, args.frames, grid * grid)
+    step_tokens = tokens * args.micro_batch * args.gpus
+    print(
+        f"{args.model}: {dynamics_parameters(config) / 1e6:.1f}M parameters (width {config.dim}, depth "
+        f"{config.depth}, {config.heads} heads, vocabulary {args.vocab})\n"
+        f"{args.frames} frames x {grid}x{grid} tokens = {tokens} tokens per clip; training "
+        f"{flops / 1e9:.2f} GFLOP per token, {flops * step_tokens / 1e15:.2f} PFLOP per step "
+        f"({args.micro_batch} clip(s) x {args.gpus} GPUs)\n"
+        f"per-GPU memory in GB, {args.precision}, Adam, micro-batch {args.micro_batch} "
+        f"(plus ~1-3 GB CUDA context; frozen tokenizer not counted):"
+    )
+    header = ("strategy", "weights", "grads", "optim", "activ.", "total", "activ.+ckpt", "total+ckpt", "fits")
+    print("  ".join(f"{column:>11}" for column in header))
+    for strategy in STRATEGIES:
+        plain, checkpointed = (
+            training_memory(config, tokens, args.micro_batch, args.gpus, strategy, args.precision, ckpt)
+            for ckpt in (False, True)
+        )
+        fits = (
+            "yes"
+            if plain.total / 1e9 <= args.gpu_memory
+            else ("with ckpt" if checkpointed.total / 1e9 <= args.gpu_memory else "no")
+        )
+        numbers = (
+            plain.weights,
+            plain.gradients,
+            plain.optimizer,
+            plain.activations,
+            plain.total,
+            checkpointed.activations,
+            checkpointed.total,
+        )
+        print(f"{strategy:>11}  " + "  ".join(f"{n / 1e9:>11.1f}" for n in numbers) + f"  {fits:>11}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        _run(args)
+    except (KeyError, ValueError, FileNotFoundError, NotADirectoryError) as error:  # user input, not a bug
+        print(f"worldmodel {args.command}: error: {error.args[0] if error.args else error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run(args: argparse.Namespace) -> None:
     if args.command == "prepare":
         index = _prepare(args)
         splits = ", ".join(
@@ -113,9 +189,10 @@ def main(argv: list[str] | None = None) -> int:
             for name, split in index["splits"].items()
         )
         print(f"wrote {Path(args.out) / 'dataset.json'}: {splits}")
+    elif args.command == "info":
+        _info(args)
     elif args.command == "inspect":
         _inspect(args)
-    return 0
 
 
 if __name__ == "__main__":

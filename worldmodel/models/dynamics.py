@@ -27,7 +27,7 @@ from worldmodel.models.layers import STTransformer
 class DynamicsConfig:
     """Architecture of a dynamics model; `vocab_size` comes from the tokenizer checkpoint."""
 
-    vocab_size: int = 1000  # tokenizer codebook size
+    vocab_size: int = 64000  # tokenizer codebook size (FSQ levels 8,8,8,5,5,5)
     num_actions: int = 18  # action ids 0..num_actions-1; NULL_ACTION (-1) gets its own embedding
     dim: int = 64
     depth: int = 2

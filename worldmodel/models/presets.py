@@ -25,15 +25,17 @@ TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
     ),
 }
 
+# Parameter counts at the s/m/l tokenizers' 64,000-code vocabulary (embedding and head included:
+# they dominate the small models).
 DYNAMICS_PRESETS: dict[str, DynamicsConfig] = {
-    "dynamics_debug": DynamicsConfig(dim=32, depth=2, heads=2),  # ~0.1M
-    "dynamics_s": DynamicsConfig(dim=512, depth=8, heads=8),  # ~35M
-    "dynamics_m": DynamicsConfig(dim=768, depth=12, heads=12),  # ~115M
-    "dynamics_l": DynamicsConfig(dim=1024, depth=20, heads=16),  # ~340M
-    "dynamics_xl": DynamicsConfig(dim=1536, depth=16, heads=16),  # ~610M
-    "dynamics_1b": DynamicsConfig(dim=2048, depth=16, heads=16),  # ~1.1B
-    "dynamics_3b": DynamicsConfig(dim=2560, depth=28, heads=20),  # ~2.9B
-    "dynamics_7b": DynamicsConfig(dim=4096, depth=26, heads=32),  # ~7.0B
+    "dynamics_debug": DynamicsConfig(vocab_size=1000, dim=32, depth=2, heads=2),  # 0.1M (tokenizer_debug)
+    "dynamics_s": DynamicsConfig(dim=512, depth=8, heads=8),  # 99M
+    "dynamics_m": DynamicsConfig(dim=768, depth=12, heads=12),  # 212M
+    "dynamics_l": DynamicsConfig(dim=1024, depth=20, heads=16),  # 467M
+    "dynamics_xl": DynamicsConfig(dim=1536, depth=16, heads=16),  # 801M
+    "dynamics_1b": DynamicsConfig(dim=2048, depth=12, heads=16),  # 1.07B
+    "dynamics_3b": DynamicsConfig(dim=2560, depth=26, heads=20),  # 3.05B
+    "dynamics_7b": DynamicsConfig(dim=4096, depth=24, heads=32),  # 6.97B
 }
 
 
