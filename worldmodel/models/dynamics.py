@@ -56,8 +56,11 @@ class Dynamics(nn.Module):
 
     def action_rows(self, actions: torch.Tensor) -> torch.Tensor:
         """Action ids (B, T) to embedding rows: NULL_ACTION maps to the last row."""
-        if actions.max() >= self.config.num_actions:
-            raise ValueError(f"action id {int(actions.max())} >= num_actions {self.config.num_actions}")
+        if actions.max() >= self.config.num_actions or actions.min() < NULL_ACTION:
+            raise ValueError(
+                f"action ids must be in [0, {self.config.num_actions}) or {NULL_ACTION} (no action), "
+                f"got {int(actions.min())}..{int(actions.max())}"
+            )
         return torch.where(actions == NULL_ACTION, self.config.num_actions, actions)
 
     def forward(self, tokens: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
