@@ -47,7 +47,7 @@ def test_null_actions_and_out_of_range_actions():
     try:
         model(tokens, torch.full_like(actions, DEBUG.num_actions))
     except ValueError as error:
-        assert "num_actions" in str(error)
+        assert f"[0, {DEBUG.num_actions})" in str(error)
     else:
         raise AssertionError("an action id past num_actions must be rejected")
 
