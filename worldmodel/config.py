@@ -1,13 +1,12 @@
 """Typed configuration schemas. Each field is documented where it is declared and checked on
 creation, so a wrong value fails at startup with the field's name, not an hour into a run.
 
-Optional fields are spelled `Optional[...]`: OmegaConf builds structured configs from these classes.
+OmegaConf builds structured configs from these classes, so a wrong type fails on assignment too.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
 
 
 class ConfigError(ValueError):
@@ -23,14 +22,14 @@ def _require(condition: bool, field: str, message: str) -> None:
 class DataConfig:
     """Where clips come from and how they are batched."""
 
-    root: Optional[str] = "data/shards/sample"  # noqa: UP045 - a folder made by `worldmodel prepare`
-    train_shards: Optional[list[str]] = None  # noqa: UP045 - brace patterns / URLs instead of root's train split
-    val_shards: Optional[list[str]] = None  # noqa: UP045 - likewise for validation
+    root: str | None = "data/shards/sample"  # a folder made by `worldmodel prepare`
+    train_shards: list[str] | None = None  # brace patterns / URLs instead of root's train split
+    val_shards: list[str] | None = None  # likewise for validation
     frames: int = 16  # frames per training clip (T)
     stride: int = 1  # take every stride-th stored frame
-    fps: Optional[float] = None  # noqa: UP045 - sample at this rate instead (derives stride from dataset.json)
+    fps: float | None = None  # sample at this rate instead (derives stride from dataset.json)
     global_batch_size: int = 8  # clips per optimizer step, summed over devices and accumulation
-    micro_batch_size: Optional[int] = None  # noqa: UP045 - clips per device per forward; None = global / world
+    micro_batch_size: int | None = None  # clips per device per forward; None = global / world
     num_workers: int = 2  # decoding processes per rank
     batches_per_epoch: int = 100  # training batches per rank per epoch (streams are resampled)
     shuffle_buffer: int = 256  # samples held for shuffling, per worker
@@ -88,3 +87,198 @@ def derive_batch(
         f"{world_size} devices = {per_step}",
     )
     return micro_batch_size, global_batch_size // per_step
+
+
+STAGES = ("tokenizer", "dynamics")
+STRATEGY_NAMES = ("ddp", "deepspeed", "fsdp")
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
+
+
+@dataclass
+class ModelConfig:
+    """Which network: a preset name from worldmodel/models/presets.py (architecture lives in code)."""
+
+    preset: str = "tokenizer_debug"
+    checkpointing: bool = False  # recompute each ST block's activations in backward
+
+    def __post_init__(self) -> None:
+        from worldmodel.models.presets import DYNAMICS_PRESETS, TOKENIZER_PRESETS
+
+        known = {**TOKENIZER_PRESETS, **DYNAMICS_PRESETS}
+        _require(self.preset in known, "model.preset", f"unknown {self.preset!r}; one of {sorted(known)}")
+
+
+@dataclass
+class TaskConfig:
+    """Which stage to train."""
+
+    stage: str = "tokenizer"  # tokenizer | dynamics
+    tokenizer_checkpoint: str | None = None  # dynamics: a trained tokenizer (file or DeepSpeed folder)
+    context_frames: int = 2  # dynamics rollout videos: real frames given before generating
+    maskgit_steps: int = 4  # dynamics rollout videos: decoding iterations per frame
+
+    def __post_init__(self) -> None:
+        _require(self.stage in STAGES, "task.stage", f"must be one of {STAGES}, got {self.stage!r}")
+        if self.stage == "dynamics":
+            _require(
+                self.tokenizer_checkpoint is not None,
+                "task.tokenizer_checkpoint",
+                "the dynamics stage needs a trained tokenizer checkpoint (train task=tokenizer first)",
+            )
+            from pathlib import Path
+
+            _require(
+                Path(self.tokenizer_checkpoint).exists(),
+                "task.tokenizer_checkpoint",
+                f"{self.tokenizer_checkpoint} does not exist",
+            )
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warmup and cosine decay."""
+
+    lr: float = 3e-4  # peak learning rate
+    weight_decay: float = 0.05  # on matrices only; norms, biases and embeddings are not decayed
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = 100  # linear warmup from 0 to lr
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at trainer.max_steps
+    grad_clip: float = 1.0  # global norm; 0 disables
+    ema_decay: float | None = None  # keep an exponential moving average of the weights
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _require(
+            0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}"
+        )
+        _require(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {self.grad_clip}")
+        _require(
+            self.ema_decay is None or 0 < self.ema_decay < 1,
+            "optim.ema_decay",
+            f"must be in (0, 1) or null, got {self.ema_decay}",
+        )
+
+
+@dataclass
+class TrainerConfig:
+    """Hardware, precision, length of the run and how often things happen."""
+
+    accelerator: str = "cpu"  # cpu | gpu
+    devices: int = 1  # processes (GPUs) per node
+    num_nodes: int = 1
+    precision: str = "32-true"  # 32-true | bf16-mixed | bf16-true | 16-mixed
+    max_steps: int = 1000  # optimizer steps
+    log_every_n_steps: int = 10
+    val_every_n_steps: int = 200
+    limit_val_batches: int = 10
+    checkpoint_every_n_steps: int = 200
+    video_every_n_steps: int = 500  # 0 disables reconstruction / rollout videos
+    compile: bool = False  # torch.compile the network
+    fast_dev_run: bool = False  # one batch of training and validation, nothing written
+    overfit_batches: int = 0  # train and validate on this many batches only
+    limit_train_batches: int | None = None  # cap batches per epoch
+    profiler: str | None = None  # simple | advanced | pytorch
+    peak_tflops: float | None = None  # per-device peak for MFU; None = table (GPU) / measured (CPU)
+
+    def __post_init__(self) -> None:
+        _require(
+            self.accelerator in ("cpu", "gpu"), "trainer.accelerator", f"cpu or gpu, got {self.accelerator!r}"
+        )
+        _require(
+            self.precision in PRECISIONS, "trainer.precision", f"one of {PRECISIONS}, got {self.precision!r}"
+        )
+        for name in ("devices", "num_nodes", "max_steps", "log_every_n_steps", "val_every_n_steps"):
+            _require(getattr(self, name) >= 1, f"trainer.{name}", f"must be >= 1, got {getattr(self, name)}")
+        for name in (
+            "checkpoint_every_n_steps",
+            "video_every_n_steps",
+            "overfit_batches",
+            "limit_val_batches",
+        ):
+            _require(getattr(self, name) >= 0, f"trainer.{name}", f"must be >= 0, got {getattr(self, name)}")
+        _require(
+            self.profiler in (None, "simple", "advanced", "pytorch"),
+            "trainer.profiler",
+            f"simple, advanced, pytorch or null, got {self.profiler!r}",
+        )
+        _require(
+            not (self.accelerator == "cpu" and self.precision == "16-mixed"),
+            "trainer.precision",
+            "16-mixed needs a GPU; use 32-true or bf16-mixed on CPU",
+        )
+
+    @property
+    def world_size(self) -> int:
+        return self.devices * self.num_nodes
+
+
+@dataclass
+class StrategyConfig:
+    """How the model is spread over devices (applied from outside the model)."""
+
+    name: str = "ddp"  # ddp | deepspeed | fsdp
+    zero_stage: int = 2  # deepspeed: 1, 2 or 3
+    offload_optimizer: bool = False  # deepspeed: optimizer states in CPU memory (DeepSpeedCPUAdam)
+    offload_parameters: bool = False  # deepspeed stage 3: parameters in CPU memory
+
+    def __post_init__(self) -> None:
+        _require(self.name in STRATEGY_NAMES, "strategy.name", f"one of {STRATEGY_NAMES}, got {self.name!r}")
+        _require(self.zero_stage in (1, 2, 3), "strategy.zero_stage", f"1, 2 or 3, got {self.zero_stage}")
+        _require(
+            not self.offload_parameters or self.zero_stage == 3,
+            "strategy.offload_parameters",
+            "parameter offload needs zero_stage 3",
+        )
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "wandb"  # wandb | csv
+    project: str = "worldmodel"
+    mode: str = "offline"  # wandb: offline (no account needed) | online
+    name: str | None = None  # run name; defaults to the run folder's name
+
+    def __post_init__(self) -> None:
+        _require(self.kind in ("wandb", "csv"), "logger.kind", f"wandb or csv, got {self.kind!r}")
+        _require(self.mode in ("offline", "online"), "logger.mode", f"offline or online, got {self.mode!r}")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; composed by Hydra, checked here, stored in every checkpoint."""
+
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    run_dir: str = "outputs/run"  # checkpoints/, logs and media land here
+    resume: str | None = None  # last | a checkpoint path | null
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        stage_of_preset = self.model.preset.split("_")[0]
+        _require(
+            stage_of_preset == self.task.stage,
+            "model.preset",
+            f"{self.model.preset} is a {stage_of_preset} preset but task.stage is {self.task.stage}; "
+            f"pick model={self.task.stage}_...",
+        )
+        derive_batch(self.data.global_batch_size, self.trainer.world_size, self.data.micro_batch_size)
+        if self.strategy.name == "fsdp":
+            _require(
+                self.trainer.accelerator == "gpu", "strategy.name", "fsdp needs GPUs; on CPU use deepspeed"
+            )
+        _require(
+            self.optim.ema_decay is None
+            or self.strategy.name == "ddp"
+            or (self.strategy.name == "deepspeed" and self.strategy.zero_stage < 3),
+            "optim.ema_decay",
+            "EMA needs whole weights on every rank: use ddp or deepspeed zero_stage 1/2",
+        )
