@@ -1,19 +1,27 @@
-"""Training entry point (Hydra). The training loop arrives with the training stage; until then
-this composes and validates the data config and streams one batch, so the config path is real.
+"""Train a tokenizer or a dynamics model: `python train.py task=tokenizer model=tokenizer_debug ...`.
+
+Hydra composes configs/train.yaml with the overrides; worldmodel.training.run checks the result
+as typed dataclasses and runs it. Sweep sizes with `-m model=dynamics_s,dynamics_m`.
 """
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
+import sys
 
-from worldmodel.config import DataConfig
-from worldmodel.data.datamodule import VideoDataModule
+import hydra
+from omegaconf import DictConfig
+
+from worldmodel.config import ConfigError
+from worldmodel.training.checkpoint import CheckpointError
+from worldmodel.training.run import run, to_train_config
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
-def main(cfg: DictConfig) -> None:
-    data = VideoDataModule(DataConfig(**OmegaConf.to_container(cfg.data, resolve=True)))
-    batch = next(iter(data.train_dataloader()))
-    print(f"data ok: video {tuple(batch['video'].shape)}, actions {tuple(batch['actions'].shape)}")
+def main(composed: DictConfig) -> None:
+    try:
+        config = to_train_config(composed)
+    except (ConfigError, CheckpointError) as error:
+        print(f"config error: {error}", file=sys.stderr)
+        sys.exit(2)
+    run(config)
 
 
 if __name__ == "__main__":

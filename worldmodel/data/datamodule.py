@@ -18,9 +18,18 @@ def expand_shards(patterns: list[str]) -> list[str]:
 class VideoDataModule(L.LightningDataModule):
     """Clips from prepared shards; the per-device batch comes from the global batch size."""
 
-    def __init__(self, config: DataConfig, rank: int | None = None, world_size: int | None = None):
+    def __init__(
+        self,
+        config: DataConfig,
+        rank: int | None = None,
+        world_size: int | None = None,
+        consume_on_yield: bool = True,
+    ):
+        """`consume_on_yield=False` when a training loop prefetches: it then calls
+        `train_loader.mark_consumed(batch)` for each batch it trains on (callbacks.DataPosition)."""
         super().__init__()
         self.config = config
+        self.consume_on_yield = consume_on_yield
         self._rank, self._world_size = rank, world_size
         # Shard URLs, when given, replace the prepared folder (and its dataset.json) entirely.
         self.index = read_index(config.root) if config.root and not config.train_shards else None
@@ -101,7 +110,9 @@ class VideoDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> ClipLoader:
         cfg = self.config
-        self.train_loader = ClipLoader(self._stream("train"), cfg.num_workers, cfg.max_skip_fraction)
+        self.train_loader = ClipLoader(
+            self._stream("train"), cfg.num_workers, cfg.max_skip_fraction, auto_consume=self.consume_on_yield
+        )
         return self.train_loader
 
     def val_dataloader(self) -> ClipLoader:

@@ -1,0 +1,129 @@
+"""Callbacks: the data position, throughput and MFU, preview videos, preemption signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+
+from worldmodel.data.video import encode_mp4
+
+# Dense bf16 peak of one GPU, by a substring of torch.cuda.get_device_name().
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
+
+
+class DataPosition(L.Callback):
+    """Records in the loader the batches that were trained on, not the ones prefetched.
+
+    Lightning fetches a batch ahead; the loader's checkpointed position must only count batches
+    whose step ran, so a resumed run sees exactly the next ones.
+    """
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        trainer.datamodule.train_loader.mark_consumed(batch)
+
+
+def measure_cpu_peak_flops(size: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of the best of a few fp32 matmuls on this process's threads: the CPU's practical peak."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm up the kernels
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best
+
+
+def device_peak_flops(module: L.LightningModule, configured_tflops: float | None) -> float:
+    if configured_tflops is not None:
+        return configured_tflops * 1e12
+    if module.device.type == "cuda":
+        name = torch.cuda.get_device_name(module.device)
+        for key, tflops in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+        raise ValueError(f"no peak FLOP/s known for {name!r}: set trainer.peak_tflops")
+    return measure_cpu_peak_flops()
+
+
+class Throughput(L.Callback):
+    """Tokens/s and clips/s per device, MFU, and the fraction of step time spent waiting for data."""
+
+    def __init__(self, peak_tflops: float | None = None):
+        self.peak_tflops = peak_tflops
+        self.peak_flops = 0.0
+        self._batch_end: float | None = None
+        self._wait = 0.0
+
+    def on_train_start(self, trainer, module) -> None:
+        self.peak_flops = device_peak_flops(module, self.peak_tflops)
+        module.print(f"MFU against a peak of {self.peak_flops / 1e12:.2f} TFLOP/s per device")
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self._wait = 0.0 if self._batch_end is None else time.perf_counter() - self._batch_end
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._batch_end is not None:  # the first batch includes start-up: not a measurement
+            step = now - self._batch_end
+            clips = len(batch["video"])
+            tokens = clips * module.tokens_per_clip(batch["video"])
+            achieved = module.flops_per_token * tokens / step
+            module.log_dict(
+                {
+                    "perf/clips_per_s": clips / step,
+                    "perf/tokens_per_s": tokens / step,
+                    "perf/mfu": achieved / self.peak_flops,
+                    "perf/data_wait": self._wait / step,
+                },
+                prog_bar=False,
+            )
+            module.log("mfu", achieved / self.peak_flops, prog_bar=True, logger=False)
+        self._batch_end = now
+
+
+class PreviewVideos(L.Callback):
+    """Every N steps, rank 0 writes an mp4 of the model at work and logs it to wandb if used."""
+
+    def __init__(self, every_n_steps: int, folder: str | os.PathLike, fps: float = 10.0):
+        self.every_n_steps = every_n_steps
+        self.folder = Path(folder)
+        self.fps = fps
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if not self.every_n_steps or step % self.every_n_steps or not trainer.is_global_zero:
+            return
+        if getattr(self, "_last_step", None) == step:  # once per optimizer step under accumulation
+            return
+        self._last_step = step
+        was_training = module.training
+        module.eval()
+        video = module.preview(batch).cpu().numpy()  # (T, H, W, 3) uint8
+        module.train(was_training)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"preview_step{step:07d}.mp4"
+        path.write_bytes(encode_mp4(video, self.fps))
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                logger.experiment.log({"preview": wandb.Video(str(path), format="mp4")}, step=step)
+
+
+class Preemption(L.Callback):
+    """SIGUSR1 (what SLURM sends before the time limit) takes Lightning's SIGTERM path.
+
+    On SIGTERM Lightning finishes the current step on every rank and raises SIGTERMException;
+    the OnExceptionCheckpoint callback then writes a checkpoint and the entry point requeues
+    the job under SLURM. Routing SIGUSR1 there gives both signals one tested path.
+    """
+
+    def on_fit_start(self, trainer, module) -> None:
+        signal.signal(signal.SIGUSR1, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))

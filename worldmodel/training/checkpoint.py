@@ -1,0 +1,121 @@
+"""Checkpoints: where a run resumes from, reading them with or without DeepSpeed, exporting.
+
+A checkpoint is a file (DDP, single device) or a DeepSpeed folder (`checkpoint/` with model
+states and one optimizer shard per rank). Both hold the resolved config under
+`hyper_parameters.config`, and a dynamics checkpoint holds its tokenizer under `tokenizer`.
+`export` consolidates either kind into one file that loads without DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from worldmodel.models.tokenizer import Tokenizer, TokenizerConfig
+
+CHECKPOINT_DIR = "checkpoints"
+RESUME_NAMES = ("last.ckpt", "on_exception.ckpt")  # periodic `last` and the one saved on a crash/signal
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or of the wrong kind; the message names it."""
+
+
+def resolve_resume(resume: str | None, run_dir: str | os.PathLike) -> str | None:
+    """`last` -> the newest of the run's last / on-exception checkpoints (None if there is none
+    yet, so a requeued job that never saved starts fresh); a path -> that path, which must exist."""
+    if resume is None:
+        return None
+    if resume == "last":
+        folder = Path(run_dir) / CHECKPOINT_DIR
+        candidates = [folder / name for name in RESUME_NAMES if (folder / name).exists()]
+        return str(max(candidates, key=lambda path: path.stat().st_mtime)) if candidates else None
+    if not Path(resume).exists():
+        raise CheckpointError(f"resume: {resume} does not exist (use resume=last or a checkpoint path)")
+    return resume
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The checkpoint's contents on CPU; for a DeepSpeed folder, its consolidated fp32 weights."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        if path.is_dir():
+            return _read_deepspeed_folder(path)
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as error:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(error).__name__}: {error})") from error
+
+
+def _read_deepspeed_folder(path: Path) -> dict:
+    """Consolidate the ZeRO shards with Lightning's converter (rank 0's client state + fp32 weights)."""
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    if not (path / "latest").is_file():
+        raise CheckpointError(f"{path}: a folder, but not a DeepSpeed checkpoint (no 'latest' file)")
+    with tempfile.TemporaryDirectory() as scratch:
+        consolidated = Path(scratch) / "consolidated.pt"
+        with contextlib.redirect_stdout(io.StringIO()):  # the converter prints where it saves
+            convert_zero_checkpoint_to_fp32_state_dict(str(path), str(consolidated))
+        return torch.load(consolidated, map_location="cpu", weights_only=False)
+
+
+def checkpoint_config(checkpoint: dict, path: str | os.PathLike) -> dict:
+    """The resolved training config a checkpoint was written with."""
+    try:
+        return checkpoint["hyper_parameters"]["config"]
+    except KeyError as error:
+        raise CheckpointError(
+            f"{path}: holds no worldmodel config (not written by worldmodel train)"
+        ) from error
+
+
+def net_state_dict(checkpoint: dict) -> dict:
+    """The network's weights: the module's `net.*` entries without the prefix."""
+    return {
+        key.removeprefix("net."): value
+        for key, value in checkpoint["state_dict"].items()
+        if key.startswith("net.")
+    }
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """A trained tokenizer from a tokenizer checkpoint (file, DeepSpeed folder or export)."""
+    checkpoint = read_checkpoint(path)
+    config = checkpoint_config(checkpoint, path)
+    if config["task"]["stage"] != "tokenizer":
+        raise CheckpointError(
+            f"{path}: a {config['task']['stage']} checkpoint, expected a tokenizer checkpoint"
+        )
+    from worldmodel.models.presets import preset
+
+    tokenizer_config: TokenizerConfig = preset(config["model"]["preset"])
+    tokenizer = Tokenizer(tokenizer_config)
+    tokenizer.load_state_dict(net_state_dict(checkpoint))
+    return tokenizer.eval()
+
+
+def export(path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Consolidate a checkpoint (DeepSpeed folder or file) into one file loadable without DeepSpeed."""
+    checkpoint = read_checkpoint(path)
+    config = checkpoint_config(checkpoint, path)
+    exported = {
+        "hyper_parameters": {"config": config},
+        "state_dict": checkpoint["state_dict"],
+        "global_step": checkpoint.get("global_step"),
+    }
+    for extra in ("ema", "tokenizer"):
+        if extra in checkpoint:
+            exported[extra] = checkpoint[extra]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    torch.save(exported, partial)
+    os.replace(partial, out)  # never a half-written export
+    return out

@@ -1,0 +1,235 @@
+"""LightningModules for both stages, sharing one training path.
+
+`WorldModelModule` owns everything the stages share: the optimizer (AdamW with weight-decay
+groups, fused on CUDA, DeepSpeedCPUAdam when DeepSpeed offloads it), warmup + cosine schedule,
+EMA of the weights, logging of loss, learning rate and gradient norm, and the resolved config
+in every checkpoint. A stage only says how a batch becomes a loss (`compute_loss`) and what a
+video of its work looks like (`preview`).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import asdict
+
+import lightning as L
+import torch
+from torch import nn
+
+from worldmodel.config import TrainConfig
+from worldmodel.models.dynamics import Dynamics
+from worldmodel.models.flops import dynamics_flops_per_token, tokenizer_parameters
+from worldmodel.models.presets import preset
+from worldmodel.models.tokenizer import Tokenizer
+
+
+def decay_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices of Linear/Conv layers only; norms, biases, embeddings are not decayed."""
+    decayed, plain = [], []
+    for submodule in module.modules():
+        for name, parameter in submodule.named_parameters(recurse=False):
+            if not parameter.requires_grad:
+                continue
+            matrix = name == "weight" and isinstance(submodule, nn.Linear | nn.Conv2d | nn.ConvTranspose2d)
+            (decayed if matrix else plain).append(parameter)
+    return [{"params": decayed, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
+    """Learning-rate multiplier: linear warmup to 1, then cosine down to `floor` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class WorldModelModule(L.LightningModule):
+    """The shared training path; subclasses define `net`, `compute_loss` and `preview`."""
+
+    net: nn.Module
+
+    def __init__(self, config: TrainConfig):
+        super().__init__()
+        self.config = config
+        self.save_hyperparameters({"config": asdict(config)})
+        self.ema: dict[str, torch.Tensor] | None = None
+        self._ema_step = -1
+
+    # -- what a stage defines -------------------------------------------------------------
+    def compute_loss(self, batch: dict, generator: torch.Generator | None) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def preview(self, batch: dict) -> torch.Tensor:
+        """uint8 video (T, H, W, 3) showing the model at work on the first clip of `batch`."""
+        raise NotImplementedError
+
+    @property
+    def flops_per_token(self) -> float:
+        raise NotImplementedError
+
+    def tokens_per_clip(self, video: torch.Tensor) -> int:
+        raise NotImplementedError
+
+    # -- the shared path -------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.config.trainer.compile:
+            self.net.compile()  # in place: state-dict keys stay the same
+
+    def step_generator(self, batch_idx: int) -> torch.Generator:
+        """Randomness of one training step, a function of (seed, epoch, batch, rank): resumable."""
+        key = f"{self.config.seed}-{self.current_epoch}-{batch_idx}-{self.global_rank}".encode()
+        return torch.Generator(device=self.device).manual_seed(zlib.crc32(key))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, metrics = self.compute_loss(batch, self.step_generator(batch_idx))
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict({f"train/{name}": value for name, value in metrics.items()})
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        generator = torch.Generator(device=self.device).manual_seed(batch_idx)
+        loss, metrics = self.compute_loss(batch, generator)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["video"]))
+        self.log_dict(
+            {f"val/{name}": value for name, value in metrics.items()},
+            sync_dist=True,
+            batch_size=len(batch["video"]),
+        )
+
+    def configure_optimizers(self):
+        optim, strategy = self.config.optim, self.config.strategy
+        groups = decay_groups(self.net, optim.weight_decay)
+        betas = (optim.beta1, optim.beta2)
+        if strategy.name == "deepspeed" and strategy.offload_optimizer:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(groups, lr=optim.lr, betas=betas, adamw_mode=True)
+        else:
+            fused = self.device.type == "cuda"
+            optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=betas, fused=fused)
+        total = self.config.trainer.max_steps
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, optim.warmup_steps, total, optim.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        norms = [p.grad.detach().norm() for p in self.net.parameters() if p.grad is not None]
+        if norms:  # DeepSpeed keeps its (partitioned) gradients to itself: logged from the engine
+            self.log("train/grad_norm", torch.stack(norms).norm())
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
+        if engine is not None and engine.get_global_grad_norm() is not None:
+            self.log("train/grad_norm", float(engine.get_global_grad_norm()))
+        if self.config.optim.ema_decay is not None and self.global_step != self._ema_step:
+            self._update_ema()
+            self._ema_step = self.global_step
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = self.config.optim.ema_decay
+        weights = {name: p.detach().float() for name, p in self.net.named_parameters()}
+        if self.ema is None:
+            self.ema = {name: value.clone() for name, value in weights.items()}
+            return
+        for name, value in weights.items():
+            self.ema[name].lerp_(value.to(self.ema[name].device), 1 - decay)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.ema is not None:
+            checkpoint["ema"] = {name: value.cpu() for name, value in self.ema.items()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "ema" in checkpoint:
+            self.ema = {name: value.to(self.device) for name, value in checkpoint["ema"].items()}
+
+
+class TokenizerModule(WorldModelModule):
+    """Stage 1: reconstruct clips through FSQ tokens."""
+
+    def __init__(self, config: TrainConfig):
+        super().__init__(config)
+        tokenizer_config = preset(config.model.preset)
+        tokenizer_config.checkpointing = config.model.checkpointing
+        self.net = Tokenizer(tokenizer_config)
+
+    def compute_loss(self, batch, generator):
+        return self.net.training_loss(batch["video"])
+
+    @property
+    def flops_per_token(self) -> float:
+        # Tokens are pixels' patches here; 6 x parameters per token is the convs' and blocks' cost
+        # to first order (the attention term is small at tokenizer sequence lengths).
+        return 6.0 * tokenizer_parameters(self.net.config)
+
+    def tokens_per_clip(self, video: torch.Tensor) -> int:
+        frames, height, width = video.shape[1:4]
+        return frames * (height // self.net.config.downsample) * (width // self.net.config.downsample)
+
+    @torch.no_grad()
+    def preview(self, batch):
+        video = batch["video"][:1]
+        reconstruction = self.net.decode(self.net.encode(video))
+        return torch.cat([video, reconstruction], dim=3)[0]  # truth | reconstruction, side by side
+
+
+class DynamicsModule(WorldModelModule):
+    """Stage 2: predict masked next-frame tokens of a frozen tokenizer, given actions."""
+
+    def __init__(self, config: TrainConfig, tokenizer: Tokenizer, num_actions: int):
+        super().__init__(config)
+        dynamics_config = preset(config.model.preset)
+        dynamics_config.vocab_size = tokenizer.vocab_size
+        dynamics_config.num_actions = num_actions
+        dynamics_config.checkpointing = config.model.checkpointing
+        self.net = Dynamics(dynamics_config)
+        # Frozen and kept out of the module tree: not trained, not sharded, not in the state dict
+        # (it travels in the checkpoint's "tokenizer" entry instead).
+        self.__dict__["tokenizer"] = tokenizer.eval().requires_grad_(False)
+
+    def on_fit_start(self) -> None:
+        self.tokenizer.to(self.device)
+
+    def on_validation_start(self) -> None:
+        self.tokenizer.to(self.device)
+
+    def compute_loss(self, batch, generator):
+        tokens = self.tokenizer.encode(batch["video"])  # (B, T, h, w)
+        return self.net.training_loss(tokens, batch["actions"], generator)
+
+    @property
+    def flops_per_token(self) -> float:
+        spec = self.trainer.datamodule.spec
+        grid = spec.height // self.tokenizer.config.downsample if spec.height else 16
+        return dynamics_flops_per_token(self.net.config, spec.frames, grid * grid)
+
+    def tokens_per_clip(self, video: torch.Tensor) -> int:
+        frames, height, width = video.shape[1:4]
+        downsample = self.tokenizer.config.downsample
+        return frames * (height // downsample) * (width // downsample)
+
+    @torch.no_grad()
+    def preview(self, batch):
+        video, actions = batch["video"][:1], batch["actions"][:1]
+        context = self.config.task.context_frames
+        tokens = self.tokenizer.encode(video)
+        generator = torch.Generator(device=self.device).manual_seed(0)
+        rollout = self.net.generate(
+            tokens[:, :context],
+            actions,
+            frames=video.shape[1] - context,
+            steps=self.config.task.maskgit_steps,
+            generator=generator,
+        )
+        predicted = self.tokenizer.decode(torch.cat([tokens[:, :context], rollout], dim=1))
+        return torch.cat([video, predicted], dim=3)[0]  # truth | context + rollout
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["tokenizer"] = {
+            "config": asdict(self.tokenizer.config),
+            "state_dict": {name: value.cpu() for name, value in self.tokenizer.state_dict().items()},
+        }

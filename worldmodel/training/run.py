@@ -1,0 +1,136 @@
+"""One training run: a TrainConfig in, a fitted Trainer out. `train.py` is its Hydra front."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from worldmodel.config import ConfigError, TrainConfig, derive_batch
+from worldmodel.data.datamodule import VideoDataModule
+from worldmodel.training.callbacks import DataPosition, Preemption, PreviewVideos, Throughput
+from worldmodel.training.checkpoint import CHECKPOINT_DIR, load_tokenizer, resolve_resume
+from worldmodel.training.modules import DynamicsModule, TokenizerModule, WorldModelModule
+from worldmodel.training.strategy import build_strategy
+
+
+def to_train_config(composed: DictConfig) -> TrainConfig:
+    """Hydra's composed config -> checked dataclasses; any problem names the field."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), composed)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or "config"
+        message = str(error).splitlines()[0]
+        raise ConfigError(f"{key}: {message}") from None
+
+
+def build_module(config: TrainConfig, data: VideoDataModule) -> WorldModelModule:
+    if config.task.stage == "tokenizer":
+        return TokenizerModule(config)
+    tokenizer = load_tokenizer(config.task.tokenizer_checkpoint)
+    return DynamicsModule(config, tokenizer, num_actions=data.num_actions or 0)
+
+
+def build_loggers(config: TrainConfig) -> list:
+    run_dir = Path(config.run_dir)
+    if config.logger.kind == "csv":
+        return [CSVLogger(run_dir, name="logs", version="")]
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return [
+        WandbLogger(
+            project=config.logger.project,
+            name=config.logger.name or run_dir.name,
+            save_dir=str(run_dir),
+            offline=config.logger.mode == "offline",
+            config=OmegaConf.to_container(OmegaConf.structured(config)),
+        )
+    ]
+
+
+def build_trainer(config: TrainConfig) -> L.Trainer:
+    trainer_config, run_dir = config.trainer, Path(config.run_dir)
+    _, accumulation = derive_batch(
+        config.data.global_batch_size, trainer_config.world_size, config.data.micro_batch_size
+    )
+    checkpoints = run_dir / CHECKPOINT_DIR
+    callbacks = [
+        DataPosition(),
+        Throughput(trainer_config.peak_tflops),
+        Preemption(),
+        OnExceptionCheckpoint(checkpoints, filename="on_exception"),
+        PreviewVideos(trainer_config.video_every_n_steps, run_dir / "media"),
+    ]
+    if trainer_config.checkpoint_every_n_steps:
+        callbacks.append(
+            ModelCheckpoint(
+                checkpoints,
+                filename="step{step:07d}",
+                auto_insert_metric_name=False,
+                every_n_train_steps=trainer_config.checkpoint_every_n_steps,
+                save_top_k=-1,
+                save_last=True,
+            )
+        )
+    in_slurm = "SLURM_JOB_ID" in os.environ and "SLURM_NTASKS" in os.environ
+    return L.Trainer(
+        accelerator=trainer_config.accelerator,
+        devices=trainer_config.devices,
+        num_nodes=trainer_config.num_nodes,
+        strategy=build_strategy(config),
+        precision=trainer_config.precision,
+        max_steps=trainer_config.max_steps,
+        accumulate_grad_batches=accumulation,
+        gradient_clip_val=config.optim.grad_clip or None,
+        val_check_interval=trainer_config.val_every_n_steps * accumulation,
+        check_val_every_n_epoch=None,
+        limit_val_batches=trainer_config.limit_val_batches,
+        limit_train_batches=trainer_config.limit_train_batches,
+        overfit_batches=trainer_config.overfit_batches,
+        fast_dev_run=trainer_config.fast_dev_run,
+        profiler=trainer_config.profiler,
+        log_every_n_steps=trainer_config.log_every_n_steps,
+        num_sanity_val_steps=0,
+        logger=build_loggers(config) if not trainer_config.fast_dev_run else False,
+        callbacks=callbacks,
+        default_root_dir=str(run_dir),
+        # Preemption is ours (see callbacks.Preemption): Lightning must not requeue on its own.
+        plugins=[SLURMEnvironment(auto_requeue=False)] if in_slurm else None,
+        use_distributed_sampler=False,  # the loader splits by rank itself
+    )
+
+
+def run(config: TrainConfig) -> L.Trainer:
+    """Train as configured; on a preemption signal, checkpoint and (under SLURM) requeue."""
+    L.seed_everything(config.seed, workers=True)
+    data = VideoDataModule(config.data, consume_on_yield=False)
+    module = build_module(config, data)
+    trainer = build_trainer(config)
+    ckpt_path = resolve_resume(config.resume, config.run_dir)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        if trainer.is_global_zero:
+            checkpoints = Path(config.run_dir) / CHECKPOINT_DIR
+            print(f"preempted at step {trainer.global_step}; checkpoint in {checkpoints}")
+        requeue_if_slurm(trainer)
+        return trainer
+    if trainer.is_global_zero:
+        print(f"done: {trainer.global_step} steps; checkpoints in {Path(config.run_dir) / CHECKPOINT_DIR}")
+    return trainer
+
+
+def requeue_if_slurm(trainer: L.Trainer) -> None:
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    if job and trainer.is_global_zero:
+        array_task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        target = f"{job}_{array_task}" if os.environ.get("SLURM_ARRAY_JOB_ID") and array_task else job
+        subprocess.run(["scontrol", "requeue", target], check=False)

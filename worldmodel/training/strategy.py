@@ -1,0 +1,73 @@
+"""Strategies, applied from outside the model: DDP, DeepSpeed ZeRO 1/2/3 (+ offload), FSDP.
+
+Lightning's DeepSpeed strategy refuses anything but CUDA in `setup_environment`, while DeepSpeed
+itself runs ZeRO on CPU processes over gloo. `WorldModelDeepSpeedStrategy` lifts that one check
+on CPU, so the same engine runs in CI on two CPU processes and on GPU clusters, and writes its
+sharded checkpoint folders atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, Strategy
+
+from worldmodel.config import TrainConfig
+
+
+class WorldModelDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's DeepSpeed strategy, runnable on CPU, with atomic checkpoint folders."""
+
+    def setup_environment(self) -> None:
+        if not isinstance(self.accelerator, CPUAccelerator):
+            super().setup_environment()
+            return
+        # Lightning checks device indices are 0..N-1 and hands root_device.index to DeepSpeed as
+        # its device rank (plain "cpu" has index None): give each CPU process an indexed device.
+        self.parallel_devices = [torch.device("cpu", index) for index in range(len(self.parallel_devices))]
+        DDPStrategy.setup_environment(self)  # everything but the CUDA check
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        """Every rank writes its shard into `<path>.partial`; rank 0 then swaps it into place."""
+        target = Path(filepath)
+        partial = target.with_name(target.name + ".partial")
+        if self.is_global_zero and partial.exists():
+            shutil.rmtree(partial)  # left by a crash mid-write: never resumed from
+        self.barrier("checkpoint_clean")
+        super().save_checkpoint(checkpoint, str(partial), storage_options)
+        self.barrier("checkpoint_written")
+        if self.is_global_zero:
+            previous = target.with_name(target.name + ".previous")
+            if target.exists():
+                os.replace(target, previous)
+            os.replace(partial, target)
+            if previous.exists():
+                shutil.rmtree(previous) if previous.is_dir() else previous.unlink()
+        self.barrier("checkpoint_swapped")
+
+
+def build_strategy(config: TrainConfig) -> Strategy | str:
+    """The Lightning strategy for `config.strategy` on `config.trainer`'s hardware."""
+    choice, trainer = config.strategy, config.trainer
+    backend = "gloo" if trainer.accelerator == "cpu" else "nccl"
+    if choice.name == "ddp":
+        return DDPStrategy(process_group_backend=backend) if trainer.world_size > 1 else "auto"
+    if choice.name == "deepspeed":
+        return WorldModelDeepSpeedStrategy(
+            stage=choice.zero_stage,
+            offload_optimizer=choice.offload_optimizer,
+            offload_parameters=choice.offload_parameters,
+            process_group_backend=backend,
+        )
+    from worldmodel.models.layers import STBlock
+
+    return FSDPStrategy(
+        sharding_strategy="FULL_SHARD",
+        auto_wrap_policy={STBlock},
+        activation_checkpointing_policy={STBlock} if config.model.checkpointing else None,
+        state_dict_type="sharded",
+    )
