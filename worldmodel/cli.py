@@ -1,4 +1,4 @@
-"""The `worldmodel` command: prepare shards, look inside them, size up models."""
+"""The `worldmodel` command: prepare shards, look inside them, size up models, export checkpoints."""
 
 from __future__ import annotations
 
@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--gpus", type=int, default=8, help="GPUs in the job")
     info.add_argument("--precision", choices=("bf16-mixed", "32-true"), default="bf16-mixed")
     info.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU, for the fits column")
+
+    export = commands.add_parser(
+        "export", help="consolidate a checkpoint into one file (no DeepSpeed needed)"
+    )
+    export.add_argument("checkpoint", help="a checkpoint file or DeepSpeed checkpoint folder")
+    export.add_argument("out", help="the consolidated .pt file to write")
 
     inspect = commands.add_parser("inspect", help="stream a few batches from a prepared folder")
     inspect.add_argument("root", help="folder with dataset.json")
@@ -193,6 +199,10 @@ def _run(args: argparse.Namespace) -> None:
         _info(args)
     elif args.command == "inspect":
         _inspect(args)
+    elif args.command == "export":
+        from worldmodel.training.checkpoint import export
+
+        print(f"wrote {export(args.checkpoint, args.out)}")
 
 
 if __name__ == "__main__":

@@ -143,7 +143,8 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     warmup_steps: int = 100  # linear warmup from 0 to lr
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at trainer.max_steps
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at schedule_steps
+    schedule_steps: int | None = None  # length of the cosine; None = trainer.max_steps
     grad_clip: float = 1.0  # global norm; 0 disables
     ema_decay: float | None = None  # keep an exponential moving average of the weights
 
@@ -154,6 +155,11 @@ class OptimConfig:
         _require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _require(
             0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}"
+        )
+        _require(
+            self.schedule_steps is None or self.schedule_steps >= 1,
+            "optim.schedule_steps",
+            f"must be >= 1 or null, got {self.schedule_steps}",
         )
         _require(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {self.grad_clip}")
         _require(

@@ -108,7 +108,7 @@ class WorldModelModule(L.LightningModule):
         else:
             fused = self.device.type == "cuda"
             optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=betas, fused=fused)
-        total = self.config.trainer.max_steps
+        total = optim.schedule_steps or self.config.trainer.max_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, optim.warmup_steps, total, optim.min_lr_ratio)
         )
