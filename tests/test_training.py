@@ -1,0 +1,311 @@
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from tests.training_helpers import ROOT, logged, start_training, train
+from worldmodel.config import ConfigError
+from worldmodel.training.checkpoint import load_tokenizer, net_state_dict, read_checkpoint
+from worldmodel.training.modules import DynamicsModule, TokenizerModule
+from worldmodel.training.run import build_loggers, build_trainer, run, to_train_config
+from worldmodel.training.strategy import build_strategy
+
+CONFIGS = ROOT / "configs"
+
+
+def options(group: str) -> list[str]:
+    return sorted(path.stem for path in (CONFIGS / group).glob("*.yaml"))
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.fixture(scope="module")
+def tokenizer_checkpoint(tmp_path_factory, sample_dir) -> Path:
+    """A real tokenizer checkpoint: two steps of in-process training."""
+    run_dir = tmp_path_factory.mktemp("tokenizer_run")
+    config = to_train_config(
+        composed(
+            "experiment=demo_tokenizer",
+            "logger=csv",
+            f"run_dir={run_dir}",
+            f"data.root={sample_dir}",
+            "data.frames=4",
+            "data.num_workers=0",
+            "trainer.max_steps=2",
+            "trainer.checkpoint_every_n_steps=2",
+            "trainer.video_every_n_steps=0",
+        )
+    )
+    run(config)
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+def build_everything(config, tokenizer_checkpoint):
+    """What a run builds before fitting; large models on the meta device."""
+    strategy = build_strategy(config)
+    loggers = build_loggers(config)
+    if config.task.stage == "tokenizer":
+        with torch.device("meta"):
+            module = TokenizerModule(config)
+    else:
+        tokenizer = load_tokenizer(tokenizer_checkpoint)
+        with torch.device("meta"):
+            module = DynamicsModule(config, tokenizer, num_actions=18)
+    trainer = build_trainer(config) if config.trainer.accelerator == "cpu" else None
+    return strategy, loggers, module, trainer
+
+
+def test_every_config_composes_and_builds_its_objects(tmp_path, sample_dir, tokenizer_checkpoint):
+    base = (f"run_dir={tmp_path}", f"data.root={sample_dir}", "logger=csv")
+    dynamics = ("task=dynamics", f"task.tokenizer_checkpoint={tokenizer_checkpoint}")
+    combinations = [
+        ("model=" + name, *(dynamics if name.startswith("dynamics") else ())) for name in options("model")
+    ]
+    combinations += [("trainer=" + name, "data.global_batch_size=32") for name in options("trainer")]
+    combinations += [
+        ("strategy=" + name, "trainer=gpu", "data.global_batch_size=32") for name in options("strategy")
+    ]
+    combinations += [("strategy=" + name,) for name in options("strategy") if name != "fsdp"]
+    combinations += [("logger=" + name,) for name in options("logger")]
+    combinations += [
+        ("data=" + name, *(("data.root=null",) if name == "shards" else ())) for name in options("data")
+    ]
+    combinations += [("debug=" + name,) for name in options("debug")]
+    combinations += [
+        (
+            "experiment=" + name,
+            *((f"task.tokenizer_checkpoint={tokenizer_checkpoint}",) if "dynamics" in name else ()),
+        )
+        for name in options("experiment")
+    ]
+    built = 0
+    for combination in combinations:
+        overrides = [*base, *combination]
+        if combination[0] == "data=shards":
+            overrides += [
+                f"data.train_shards=[{sample_dir}/train-000000.tar]",
+                f"data.val_shards=[{sample_dir}/val-000000.tar]",
+            ]
+        config = to_train_config(composed(*overrides))
+        strategy, loggers, module, trainer = build_everything(config, tokenizer_checkpoint)
+        assert module.config == config and loggers, combination
+        built += 1
+    assert built == len(combinations)
+
+
+def test_misconfigured_runs_fail_at_startup_naming_the_problem(tmp_path, sample_dir):
+    base = (f"run_dir={tmp_path}", f"data.root={sample_dir}")
+    cases = {
+        ("+trainer.bogus=1",): "trainer.bogus",
+        ("data.frames=abc",): "data.frames",
+        ("trainer.devices=3",): "does not divide over 3 devices",
+        (
+            "task=dynamics",
+            "model=dynamics_debug",
+            "task.tokenizer_checkpoint=/no/such.ckpt",
+        ): "/no/such.ckpt does not exist",
+        ("task=dynamics", "model=dynamics_debug"): "task.tokenizer_checkpoint",
+        ("task=dynamics", f"task.tokenizer_checkpoint={tmp_path}"): "model.preset",
+        ("strategy=fsdp",): "fsdp needs GPUs",
+        ("optim.ema_decay=0.99", "strategy=deepspeed_zero3"): "optim.ema_decay",
+    }
+    for overrides, expected in cases.items():
+        with pytest.raises(ConfigError, match=expected.replace(".", r"\.")):
+            to_train_config(composed(*base, *overrides))
+
+
+def test_the_command_line_reports_a_bad_config_before_training(tmp_path, sample_dir):
+    result = train(
+        tmp_path, "data.global_batch_size=6", "trainer.devices=4", sample_dir=sample_dir, timeout=120
+    )
+    assert result.returncode == 2
+    assert "data.global_batch_size: 6 does not divide over 4 devices" in result.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_an_interrupted_checkpoint_write_leaves_the_previous_one_usable(tmp_path, sample_dir):
+    overrides = (
+        f"run_dir={tmp_path}",
+        f"data.root={sample_dir}",
+        "experiment=demo_tokenizer",
+        "logger=csv",
+        "data.frames=4",
+        "data.num_workers=0",
+        "trainer.video_every_n_steps=0",
+        "trainer.checkpoint_every_n_steps=2",
+    )
+    trainer = run(to_train_config(composed(*overrides, "trainer.max_steps=2")))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full")  # fails in the middle of serializing the checkpoint
+
+    module = trainer.lightning_module
+    module.on_save_checkpoint = lambda checkpoint: checkpoint.update(poison=Unpicklable())
+    with pytest.raises(RuntimeError, match="disk full"):
+        trainer.save_checkpoint(last)
+    assert last.read_bytes() == before
+    resumed = run(to_train_config(composed(*overrides, "trainer.max_steps=3", "resume=last")))
+    assert resumed.global_step == 3
+
+
+POISONED_DEEPSPEED_SAVE = """
+import sys
+from hydra import compose, initialize_config_dir
+from worldmodel.training.run import run, to_train_config
+
+class Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("disk full")
+
+run_dir, sample_dir = sys.argv[1], sys.argv[2]
+with initialize_config_dir(config_dir=sys.argv[3], version_base="1.3"):
+    composed = compose("train", overrides=[f"run_dir={run_dir}", f"data.root={sample_dir}",
+        "experiment=demo_tokenizer", "logger=csv", "strategy=deepspeed_zero2", "data.frames=4",
+        "data.num_workers=0", "trainer.max_steps=2", "trainer.checkpoint_every_n_steps=2",
+        "trainer.video_every_n_steps=0"])
+trainer = run(to_train_config(composed))
+trainer.lightning_module.on_save_checkpoint = lambda checkpoint: checkpoint.update(poison=Unpicklable())
+try:
+    trainer.save_checkpoint(f"{run_dir}/checkpoints/last.ckpt")
+except RuntimeError as error:
+    print("save failed:", error)
+"""
+
+
+@pytest.mark.slow
+def test_a_failed_deepspeed_save_leaves_the_previous_checkpoint_folder_whole(tmp_path, sample_dir):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", POISONED_DEEPSPEED_SAVE, str(tmp_path), str(sample_dir), str(CONFIGS)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "save failed: disk full" in result.stdout, result.stdout[-2000:] + result.stderr[-3000:]
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert (last / "latest").is_file()
+    assert read_checkpoint(last)["global_step"] == 2  # the complete folder from step 2, readable
+    resumed = train(
+        tmp_path, "strategy=deepspeed_zero2", "resume=last", "trainer.max_steps=3", sample_dir=sample_dir
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sorted(logged(tmp_path, "train/loss")) == [2]
+
+
+@pytest.fixture(scope="module")
+def parity_runs(tmp_path_factory, sample_dir) -> dict[str, Path]:
+    runs = {}
+    for strategy in ("ddp", "deepspeed_zero2", "deepspeed_zero3"):
+        run_dir = tmp_path_factory.mktemp(strategy)
+        result = train(
+            run_dir,
+            f"strategy={strategy}",
+            "trainer.devices=2",
+            "trainer.max_steps=5",
+            "trainer.checkpoint_every_n_steps=5",
+            sample_dir=sample_dir,
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        runs[strategy] = run_dir
+    return runs
+
+
+@pytest.mark.slow
+def test_ddp_zero2_and_zero3_train_on_two_cpu_processes_with_matching_losses(parity_runs):
+    losses = {name: logged(run_dir, "train/loss") for name, run_dir in parity_runs.items()}
+    assert sorted(losses["ddp"]) == [0, 1, 2, 3, 4]
+    for name in ("deepspeed_zero2", "deepspeed_zero3"):
+        assert losses[name].keys() == losses["ddp"].keys()
+        for step, loss in losses["ddp"].items():
+            assert losses[name][step] == pytest.approx(loss, rel=1e-5), (name, step)
+    assert (parity_runs["ddp"] / "checkpoints" / "last.ckpt").is_file()
+    for name in ("deepspeed_zero2", "deepspeed_zero3"):
+        shards = list(
+            (parity_runs[name] / "checkpoints" / "last.ckpt" / "checkpoint").glob("*optim_states.pt")
+        )
+        assert len(shards) == 2  # one optimizer shard per rank: a real ZeRO checkpoint
+
+
+@pytest.mark.slow
+def test_export_consolidates_a_zero3_checkpoint_into_ddp_equal_weights(parity_runs, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "tokenizer.pt"
+    worldmodel = Path(sys.executable).with_name("worldmodel")
+    zero3 = parity_runs["deepspeed_zero3"] / "checkpoints" / "last.ckpt"
+    result = subprocess.run([str(worldmodel), "export", str(zero3), str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    exported = load_tokenizer(out).state_dict()
+    ddp = net_state_dict(read_checkpoint(parity_runs["ddp"] / "checkpoints" / "last.ckpt"))
+    assert exported.keys() == ddp.keys()
+    for name, value in ddp.items():
+        torch.testing.assert_close(exported[name], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_reaches_the_same_losses_as_an_uninterrupted_one(tmp_path, sample_dir):
+    common = (
+        "data.num_workers=2",
+        "optim.schedule_steps=8",
+        "optim.ema_decay=0.9",
+        "trainer.checkpoint_every_n_steps=4",
+    )
+    full = train(tmp_path / "full", *common, "trainer.max_steps=8", sample_dir=sample_dir)
+    part = train(tmp_path / "part", *common, "trainer.max_steps=4", sample_dir=sample_dir)
+    assert full.returncode == 0 and part.returncode == 0, full.stderr[-2000:] + part.stderr[-2000:]
+    resume_from = tmp_path / "part" / "checkpoints" / "last.ckpt"
+    rest = train(
+        tmp_path / "rest", *common, "trainer.max_steps=8", f"resume={resume_from}", sample_dir=sample_dir
+    )
+    assert rest.returncode == 0, rest.stderr[-2000:]
+    expected, resumed = logged(tmp_path / "full", "train/loss"), logged(tmp_path / "rest", "train/loss")
+    assert sorted(resumed) == [4, 5, 6, 7]
+    assert [resumed[step] for step in range(4, 8)] == [expected[step] for step in range(4, 8)]
+    final_full = read_checkpoint(tmp_path / "full" / "checkpoints" / "last.ckpt")
+    final_rest = read_checkpoint(tmp_path / "rest" / "checkpoints" / "last.ckpt")
+    for name, value in final_full["state_dict"].items():
+        assert torch.equal(value, final_rest["state_dict"][name]), name
+    for name, value in final_full["ema"].items():
+        assert torch.equal(value, final_rest["ema"][name]), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_preemption_signal_mid_run_checkpoints_and_the_run_resumes(tmp_path, sample_dir, signum):
+    process = start_training(
+        tmp_path, "trainer.max_steps=500", "trainer.checkpoint_every_n_steps=0", sample_dir=sample_dir
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and max(logged(tmp_path, "train/loss"), default=-1) < 3:
+        time.sleep(0.5)
+    process.send_signal(signum)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output[-3000:]
+    assert "preempted at step" in output
+    stopped_at = int(output.split("preempted at step ")[1].split(";")[0])
+    assert 3 <= stopped_at < 500
+    assert (tmp_path / "checkpoints" / "on_exception.ckpt").is_file()
+    resumed = train(tmp_path, "resume=last", f"trainer.max_steps={stopped_at + 2}", sample_dir=sample_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sorted(logged(tmp_path, "train/loss")) == [stopped_at, stopped_at + 1]
+
+
+def test_checkpoints_hold_the_resolved_config_and_the_data_position(tokenizer_checkpoint):
+    checkpoint = read_checkpoint(tokenizer_checkpoint)
+    config = checkpoint["hyper_parameters"]["config"]
+    assert config["task"]["stage"] == "tokenizer" and config["model"]["preset"] == "tokenizer_debug"
+    (loader_state,) = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert loader_state["consumed"] == 2 and loader_state["epoch"] == 0

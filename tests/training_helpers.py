@@ -1,0 +1,61 @@
+"""Running real training from tests: `train.py` in a subprocess (as users run it), metrics from CSV."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A few fast steps of the debug tokenizer on the sample data, logging every step to CSV.
+FAST = (
+    "experiment=demo_tokenizer",
+    "logger=csv",
+    "trainer.log_every_n_steps=1",
+    "trainer.video_every_n_steps=0",
+    "trainer.val_every_n_steps=1000",
+    "trainer.limit_val_batches=1",
+    "optim.warmup_steps=2",
+    "data.frames=4",
+    "data.global_batch_size=4",
+)
+
+
+def train(
+    run_dir: Path, *overrides: str, sample_dir: Path, timeout: int = 300, **popen
+) -> subprocess.CompletedProcess:
+    """`python train.py FAST... overrides` with run_dir and the sample data; fails loudly on timeout."""
+    command = [sys.executable, "train.py", *FAST, f"run_dir={run_dir}", f"data.root={sample_dir}", *overrides]
+    return subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=_env(), **popen
+    )
+
+
+def start_training(run_dir: Path, *overrides: str, sample_dir: Path) -> subprocess.Popen:
+    command = [sys.executable, "train.py", *FAST, f"run_dir={run_dir}", f"data.root={sample_dir}", *overrides]
+    return subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env()
+    )
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("WANDB_MODE", "offline")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def logged(run_dir: Path, key: str) -> dict[int, float]:
+    """{step: value} of one metric from a run's CSV log (the last value logged at each step)."""
+    path = Path(run_dir) / "logs" / "metrics.csv"
+    values: dict[int, float] = {}
+    if not path.exists():
+        return values
+    with open(path) as handle:
+        for row in csv.DictReader(handle):
+            if row.get(key):
+                values[int(row["step"])] = float(row[key])
+    return values
