@@ -88,6 +88,40 @@ class Throughput(L.Callback):
         self._batch_end = now
 
 
+class EMA(L.Callback):
+    """An exponential moving average of the network's weights, kept in fp32, saved as `ema`.
+
+    A callback so that it updates before ModelCheckpoint (which Lightning runs last) saves:
+    a checkpoint holds the EMA of exactly the steps it holds the weights of.
+    """
+
+    def __init__(self, decay: float):
+        self.decay = decay
+        self.weights: dict[str, torch.Tensor] | None = None
+        self._updated_at = -1
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self._updated_at:  # accumulating: no optimizer step yet
+            return
+        self._updated_at = trainer.global_step
+        current = {name: p.detach().float() for name, p in module.net.named_parameters()}
+        if self.weights is None:
+            self.weights = {name: value.clone() for name, value in current.items()}
+            return
+        for name, value in current.items():
+            self.weights[name].lerp_(value, 1 - self.decay)
+
+    def on_save_checkpoint(self, trainer, module, checkpoint: dict) -> None:
+        if self.weights is not None:
+            checkpoint["ema"] = {name: value.cpu() for name, value in self.weights.items()}
+
+    def on_load_checkpoint(self, trainer, module, checkpoint: dict) -> None:
+        if "ema" in checkpoint:
+            self.weights = {name: value.to(module.device) for name, value in checkpoint["ema"].items()}
+            self._updated_at = checkpoint["global_step"]
+
+
 class PreviewVideos(L.Callback):
     """Every N steps, rank 0 writes an mp4 of the model at work and logs it to wandb if used."""
 

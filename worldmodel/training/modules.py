@@ -2,9 +2,9 @@
 
 `WorldModelModule` owns everything the stages share: the optimizer (AdamW with weight-decay
 groups, fused on CUDA, DeepSpeedCPUAdam when DeepSpeed offloads it), warmup + cosine schedule,
-EMA of the weights, logging of loss, learning rate and gradient norm, and the resolved config
-in every checkpoint. A stage only says how a batch becomes a loss (`compute_loss`) and what a
-video of its work looks like (`preview`).
+logging of loss, learning rate and gradient norm, and the resolved config in every checkpoint.
+A stage only says how a batch becomes a loss (`compute_loss`) and what a video of its work
+looks like (`preview`). The EMA of the weights is the `EMA` callback.
 """
 
 from __future__ import annotations
@@ -53,8 +53,6 @@ class WorldModelModule(L.LightningModule):
         super().__init__()
         self.config = config
         self.save_hyperparameters({"config": asdict(config)})
-        self.ema: dict[str, torch.Tensor] | None = None
-        self._ema_step = -1
 
     # -- what a stage defines -------------------------------------------------------------
     def compute_loss(self, batch: dict, generator: torch.Generator | None) -> tuple[torch.Tensor, dict]:
@@ -124,27 +122,6 @@ class WorldModelModule(L.LightningModule):
         engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
         if engine is not None and engine.get_global_grad_norm() is not None:
             self.log("train/grad_norm", float(engine.get_global_grad_norm()))
-        if self.config.optim.ema_decay is not None and self.global_step != self._ema_step:
-            self._update_ema()
-            self._ema_step = self.global_step
-
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        decay = self.config.optim.ema_decay
-        weights = {name: p.detach().float() for name, p in self.net.named_parameters()}
-        if self.ema is None:
-            self.ema = {name: value.clone() for name, value in weights.items()}
-            return
-        for name, value in weights.items():
-            self.ema[name].lerp_(value.to(self.ema[name].device), 1 - decay)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.ema is not None:
-            checkpoint["ema"] = {name: value.cpu() for name, value in self.ema.items()}
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "ema" in checkpoint:
-            self.ema = {name: value.to(self.device) for name, value in checkpoint["ema"].items()}
 
 
 class TokenizerModule(WorldModelModule):
@@ -228,7 +205,6 @@ class DynamicsModule(WorldModelModule):
         return torch.cat([video, predicted], dim=3)[0]  # truth | context + rollout
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
         checkpoint["tokenizer"] = {
             "config": asdict(self.tokenizer.config),
             "state_dict": {name: value.cpu() for name, value in self.tokenizer.state_dict().items()},

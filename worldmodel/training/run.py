@@ -16,7 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from worldmodel.config import ConfigError, TrainConfig, derive_batch
 from worldmodel.data.datamodule import VideoDataModule
-from worldmodel.training.callbacks import DataPosition, Preemption, PreviewVideos, Throughput
+from worldmodel.training.callbacks import EMA, DataPosition, Preemption, PreviewVideos, Throughput
 from worldmodel.training.checkpoint import CHECKPOINT_DIR, load_tokenizer, resolve_resume
 from worldmodel.training.modules import DynamicsModule, TokenizerModule, WorldModelModule
 from worldmodel.training.strategy import build_strategy
@@ -69,6 +69,8 @@ def build_trainer(config: TrainConfig) -> L.Trainer:
         OnExceptionCheckpoint(checkpoints, filename="on_exception"),
         PreviewVideos(trainer_config.video_every_n_steps, run_dir / "media"),
     ]
+    if config.optim.ema_decay is not None:
+        callbacks.append(EMA(config.optim.ema_decay))
     if trainer_config.checkpoint_every_n_steps:
         callbacks.append(
             ModelCheckpoint(
