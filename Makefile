@@ -16,9 +16,18 @@ $(BIN)/worldmodel: pyproject.toml requirements-lock.txt
 
 setup: $(BIN)/worldmodel
 
+DEMO := outputs/demo
+
 demo: setup
 	$(BIN)/worldmodel prepare sample --out $(SAMPLE)
-	$(BIN)/worldmodel inspect $(SAMPLE) --batches 4 --batch-size 4 --workers 2
+	$(BIN)/worldmodel inspect $(SAMPLE) --batches 2 --batch-size 4 --workers 2
+	$(BIN)/python train.py experiment=demo_tokenizer run_dir=$(DEMO)/tokenizer
+	$(BIN)/python train.py experiment=demo_dynamics run_dir=$(DEMO)/dynamics \
+		task.tokenizer_checkpoint=$(DEMO)/tokenizer/checkpoints/last.ckpt
+	@echo
+	@echo "demo done. Tokenizer: $(DEMO)/tokenizer, dynamics: $(DEMO)/dynamics"
+	@echo "  checkpoints/  last.ckpt and every 100 steps;   media/  preview mp4s (truth | model)"
+	@echo "  wandb/        offline run logs: .venv/bin/wandb sync $(DEMO)/dynamics/wandb/offline-run-*"
 
 test: setup
 	$(BIN)/python -m pytest -q
