@@ -309,3 +309,65 @@ def test_checkpoints_hold_the_resolved_config_and_the_data_position(tokenizer_ch
     assert config["task"]["stage"] == "tokenizer" and config["model"]["preset"] == "tokenizer_debug"
     (loader_state,) = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert loader_state["consumed"] == 2 and loader_state["epoch"] == 0
+
+
+@pytest.mark.slow
+def test_a_run_logs_what_a_researcher_needs_to_wandb_offline_and_csv(tmp_path, sample_dir):
+    csv_run = train(
+        tmp_path / "csv", "trainer.max_steps=4", "trainer.video_every_n_steps=2", sample_dir=sample_dir
+    )
+    assert csv_run.returncode == 0, csv_run.stderr[-3000:]
+    for key in (
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "perf/tokens_per_s",
+        "perf/clips_per_s",
+        "perf/mfu",
+        "perf/data_wait",
+        "train/codebook_usage",
+        "train/psnr",
+        "train/perplexity",
+    ):
+        assert logged(tmp_path / "csv", key), key
+    assert 0 < max(logged(tmp_path / "csv", "perf/mfu").values()) < 1
+    assert sorted(p.name for p in (tmp_path / "csv" / "media").iterdir()) == [
+        "preview_step0000002.mp4",
+        "preview_step0000004.mp4",
+    ]
+    wandb_run = train(
+        tmp_path / "wandb",
+        "logger=wandb",
+        "trainer.max_steps=2",
+        "trainer.video_every_n_steps=2",
+        sample_dir=sample_dir,
+    )
+    assert wandb_run.returncode == 0, wandb_run.stderr[-3000:]
+    (offline,) = (tmp_path / "wandb" / "wandb").glob("offline-run-*")
+    assert list(offline.glob("*.wandb")) and list(offline.rglob("preview*.mp4"))
+
+
+@pytest.mark.slow
+def test_a_hydra_sweep_trains_one_run_per_model_size(tmp_path, sample_dir):
+    import subprocess
+    import sys
+
+    from tests.training_helpers import FAST
+
+    command = [
+        sys.executable,
+        "train.py",
+        "-m",
+        *FAST,
+        f"data.root={sample_dir}",
+        "trainer.max_steps=1",
+        "model=tokenizer_debug,tokenizer_s",
+        f"hydra.sweep.dir={tmp_path}",
+    ]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(path.name for path in tmp_path.iterdir() if path.is_dir())
+    assert runs == ["0_tokenizer_debug", "1_tokenizer_s"]
+    for name in runs:
+        checkpoint = read_checkpoint(tmp_path / name / "checkpoints" / "last.ckpt")
+        assert checkpoint["hyper_parameters"]["config"]["model"]["preset"] == name[2:]
