@@ -45,13 +45,43 @@ def tokenizer_parameters(config: TokenizerConfig) -> int:
     return convs + linears + 2 * st_transformer_parameters(dim, config.depth)
 
 
+def st_matmul_parameters(dim: int, depth: int, mlp_ratio: float = 4.0) -> int:
+    """Parameters of an ST stack that multiply activations (norms only scale them)."""
+    return depth * (8 * dim * dim + 2 * dim * int(dim * mlp_ratio))
+
+
+def st_attention_flops(dim: int, depth: int, frames: int, tokens_per_frame: int) -> int:
+    """Training FLOPs per token of QK^T and AV, spatial over h*w tokens and temporal over T frames."""
+    return 12 * depth * dim * (tokens_per_frame + frames)
+
+
 def dynamics_flops_per_token(config: DynamicsConfig, frames: int, tokens_per_frame: int) -> float:
     """Training FLOPs per token (forward + backward) of the dynamics model."""
-    matmul_parameters = st_transformer_parameters(config.dim, config.depth, config.mlp_ratio) + (
-        config.dim * config.vocab_size
+    matmul_parameters = (
+        st_matmul_parameters(config.dim, config.depth, config.mlp_ratio) + config.dim * config.vocab_size
     )
-    attention = 12 * config.depth * config.dim * (tokens_per_frame + frames)
-    return 6 * matmul_parameters + attention
+    return 6 * matmul_parameters + st_attention_flops(config.dim, config.depth, frames, tokens_per_frame)
+
+
+def tokenizer_flops_per_token(config: TokenizerConfig, frames: int, tokens_per_frame: int) -> float:
+    """Training FLOPs per token of the tokenizer: convolutions run at every pixel a token covers.
+
+    A conv applied at `positions` output positions per token costs 2 * weights * positions
+    forward; training is 3x forward (as for the matmuls of the ST blocks).
+    """
+    widths, down, codes = config.stage_channels(), config.downsample, len(config.levels)
+    forward = 2 * 3 * widths[0] * 9 * down**2  # encoder stem, full resolution
+    forward += 2 * widths[0] * 3 * 9 * down**2  # decoder head, full resolution
+    for stage, (wide, narrow_res_wide) in enumerate(zip(widths, widths[1:], strict=False)):
+        positions = (down // 2 ** (stage + 1)) ** 2  # positions per token at the stage's lower resolution
+        forward += 2 * wide * narrow_res_wide * 16 * positions  # strided 4x4 conv down
+        forward += 2 * narrow_res_wide * wide * 16 * positions  # transposed 4x4 conv up (per input position)
+    forward += 2 * 2 * widths[-1] * config.dim  # 1x1 projections into and out of the transformer
+    forward += 2 * 2 * config.dim * codes  # to and from the FSQ code
+    blocks = 2 * st_matmul_parameters(config.dim, config.depth)  # encoder and decoder stacks
+    return (
+        3 * forward + 6 * blocks + 2 * st_attention_flops(config.dim, config.depth, frames, tokens_per_frame)
+    )
 
 
 def mfu(flops_per_token: float, tokens_per_second: float, peak_flops: float) -> float:

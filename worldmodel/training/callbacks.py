@@ -72,9 +72,10 @@ class Throughput(L.Callback):
         now = time.perf_counter()
         if self._batch_end is not None:  # the first batch includes start-up: not a measurement
             step = now - self._batch_end
-            clips = len(batch["video"])
-            tokens = clips * module.tokens_per_clip(batch["video"])
-            achieved = module.flops_per_token * tokens / step
+            video = batch["video"]
+            frames, tokens_per_frame = module.token_grid(video)
+            clips, tokens = len(video), len(video) * frames * tokens_per_frame
+            achieved = module.flops_per_token(video) * tokens / step
             module.log_dict(
                 {
                     "perf/clips_per_s": clips / step,

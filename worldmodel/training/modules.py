@@ -19,7 +19,7 @@ from torch import nn
 
 from worldmodel.config import TrainConfig
 from worldmodel.models.dynamics import Dynamics
-from worldmodel.models.flops import dynamics_flops_per_token, tokenizer_parameters
+from worldmodel.models.flops import dynamics_flops_per_token, tokenizer_flops_per_token
 from worldmodel.models.presets import preset
 from worldmodel.models.tokenizer import Tokenizer
 
@@ -62,12 +62,15 @@ class WorldModelModule(L.LightningModule):
         """uint8 video (T, H, W, 3) showing the model at work on the first clip of `batch`."""
         raise NotImplementedError
 
-    @property
-    def flops_per_token(self) -> float:
+    def flops_per_token(self, video: torch.Tensor) -> float:
+        """Training FLOPs per token for clips shaped like `video` (B, T, H, W, 3)."""
         raise NotImplementedError
 
-    def tokens_per_clip(self, video: torch.Tensor) -> int:
-        raise NotImplementedError
+    def token_grid(self, video: torch.Tensor) -> tuple[int, int]:
+        """(frames, tokens per frame) of clips shaped like `video`."""
+        frames, height, width = video.shape[1:4]
+        downsample = self.tokenizer_config.downsample
+        return frames, (height // downsample) * (width // downsample)
 
     # -- the shared path -------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -112,7 +115,12 @@ class WorldModelModule(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def _logging_step(self) -> bool:
+        return (self.global_step + 1) % self.trainer.log_every_n_steps == 0  # as Lightning decides
+
     def on_before_optimizer_step(self, optimizer) -> None:
+        if not self._logging_step():  # a norm per parameter is not free: only when it is logged
+            return
         norms = [p.grad.detach().norm() for p in self.net.parameters() if p.grad is not None]
         if norms:  # DeepSpeed keeps its (partitioned) gradients to itself: logged from the engine
             self.log("train/grad_norm", torch.stack(norms).norm())
@@ -137,14 +145,11 @@ class TokenizerModule(WorldModelModule):
         return self.net.training_loss(batch["video"])
 
     @property
-    def flops_per_token(self) -> float:
-        # Tokens are pixels' patches here; 6 x parameters per token is the convs' and blocks' cost
-        # to first order (the attention term is small at tokenizer sequence lengths).
-        return 6.0 * tokenizer_parameters(self.net.config)
+    def tokenizer_config(self):
+        return self.net.config
 
-    def tokens_per_clip(self, video: torch.Tensor) -> int:
-        frames, height, width = video.shape[1:4]
-        return frames * (height // self.net.config.downsample) * (width // self.net.config.downsample)
+    def flops_per_token(self, video):
+        return tokenizer_flops_per_token(self.net.config, *self.token_grid(video))
 
     @torch.no_grad()
     def preview(self, batch):
@@ -178,15 +183,12 @@ class DynamicsModule(WorldModelModule):
         return self.net.training_loss(tokens, batch["actions"], generator)
 
     @property
-    def flops_per_token(self) -> float:
-        spec = self.trainer.datamodule.spec
-        grid = spec.height // self.tokenizer.config.downsample if spec.height else 16
-        return dynamics_flops_per_token(self.net.config, spec.frames, grid * grid)
+    def tokenizer_config(self):
+        return self.tokenizer.config
 
-    def tokens_per_clip(self, video: torch.Tensor) -> int:
-        frames, height, width = video.shape[1:4]
-        downsample = self.tokenizer.config.downsample
-        return frames * (height // downsample) * (width // downsample)
+    def flops_per_token(self, video):
+        # The frozen tokenizer's forward pass is not counted: MFU is the trained model's.
+        return dynamics_flops_per_token(self.net.config, *self.token_grid(video))
 
     @torch.no_grad()
     def preview(self, batch):
