@@ -104,7 +104,9 @@ def lightning_step_time(config, batches: list[dict], warmup: int) -> tuple[float
 
 def bare_step_time(config, batches: list[dict], warmup: int) -> float:
     torch.manual_seed(config.seed)
-    net = TokenizerModule(config).net
+    module = TokenizerModule(config)
+    module.configure_model()
+    net = module.net
     optim = config.optim
     from worldmodel.training.modules import decay_groups
 

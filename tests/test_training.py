@@ -51,12 +51,11 @@ def build_everything(config, tokenizer_checkpoint):
     strategy = build_strategy(config)
     loggers = build_loggers(config)
     if config.task.stage == "tokenizer":
-        with torch.device("meta"):
-            module = TokenizerModule(config)
+        module = TokenizerModule(config)
     else:
-        tokenizer = load_tokenizer(tokenizer_checkpoint)
-        with torch.device("meta"):
-            module = DynamicsModule(config, tokenizer, num_actions=18)
+        module = DynamicsModule(config, load_tokenizer(tokenizer_checkpoint), num_actions=18)
+    with torch.device("meta"):
+        module.configure_model()
     trainer = build_trainer(config) if config.trainer.accelerator == "cpu" else None
     return strategy, loggers, module, trainer
 

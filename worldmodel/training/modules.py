@@ -47,14 +47,17 @@ def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
 class WorldModelModule(L.LightningModule):
     """The shared training path; subclasses define `net`, `compute_loss` and `preview`."""
 
-    net: nn.Module
-
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, net_config):
         super().__init__()
         self.config = config
+        self.net_config = net_config
+        self.net: nn.Module | None = None  # built in configure_model
         self.save_hyperparameters({"config": asdict(config)})
 
     # -- what a stage defines -------------------------------------------------------------
+    def build_net(self) -> nn.Module:
+        raise NotImplementedError
+
     def compute_loss(self, batch: dict, generator: torch.Generator | None) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
@@ -74,6 +77,11 @@ class WorldModelModule(L.LightningModule):
 
     # -- the shared path -------------------------------------------------------------------
     def configure_model(self) -> None:
+        """Build the network here, not in __init__: under ZeRO-3 Lightning calls this inside
+        deepspeed.zero.Init, so each rank only ever holds its shard of the weights."""
+        if self.net is not None:  # Lightning may call this more than once
+            return
+        self.net = self.build_net()
         if self.config.trainer.compile:
             self.net.compile()  # in place: state-dict keys stay the same
 
@@ -136,20 +144,22 @@ class TokenizerModule(WorldModelModule):
     """Stage 1: reconstruct clips through FSQ tokens."""
 
     def __init__(self, config: TrainConfig):
-        super().__init__(config)
         tokenizer_config = preset(config.model.preset)
         tokenizer_config.checkpointing = config.model.checkpointing
-        self.net = Tokenizer(tokenizer_config)
+        super().__init__(config, tokenizer_config)
+
+    def build_net(self) -> Tokenizer:
+        return Tokenizer(self.net_config)
 
     def compute_loss(self, batch, generator):
         return self.net.training_loss(batch["video"])
 
     @property
     def tokenizer_config(self):
-        return self.net.config
+        return self.net_config
 
     def flops_per_token(self, video):
-        return tokenizer_flops_per_token(self.net.config, *self.token_grid(video))
+        return tokenizer_flops_per_token(self.net_config, *self.token_grid(video))
 
     @torch.no_grad()
     def preview(self, batch):
@@ -162,15 +172,17 @@ class DynamicsModule(WorldModelModule):
     """Stage 2: predict masked next-frame tokens of a frozen tokenizer, given actions."""
 
     def __init__(self, config: TrainConfig, tokenizer: Tokenizer, num_actions: int):
-        super().__init__(config)
         dynamics_config = preset(config.model.preset)
         dynamics_config.vocab_size = tokenizer.vocab_size
         dynamics_config.num_actions = num_actions
         dynamics_config.checkpointing = config.model.checkpointing
-        self.net = Dynamics(dynamics_config)
+        super().__init__(config, dynamics_config)
         # Frozen and kept out of the module tree: not trained, not sharded, not in the state dict
         # (it travels in the checkpoint's "tokenizer" entry instead).
         self.__dict__["tokenizer"] = tokenizer.eval().requires_grad_(False)
+
+    def build_net(self) -> Dynamics:
+        return Dynamics(self.net_config)
 
     def on_fit_start(self) -> None:
         self.tokenizer.to(self.device)
@@ -188,7 +200,7 @@ class DynamicsModule(WorldModelModule):
 
     def flops_per_token(self, video):
         # The frozen tokenizer's forward pass is not counted: MFU is the trained model's.
-        return dynamics_flops_per_token(self.net.config, *self.token_grid(video))
+        return dynamics_flops_per_token(self.net_config, *self.token_grid(video))
 
     @torch.no_grad()
     def preview(self, batch):

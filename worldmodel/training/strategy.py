@@ -61,6 +61,8 @@ def build_strategy(config: TrainConfig) -> Strategy | str:
             stage=choice.zero_stage,
             offload_optimizer=choice.offload_optimizer,
             offload_parameters=choice.offload_parameters,
+            reduce_bucket_size=choice.bucket_elements,
+            allgather_bucket_size=choice.bucket_elements,
             process_group_backend=backend,
         )
     from worldmodel.models.layers import STBlock
