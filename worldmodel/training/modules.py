@@ -20,6 +20,7 @@ from torch import nn
 from worldmodel.config import TrainConfig
 from worldmodel.models.dynamics import Dynamics
 from worldmodel.models.flops import dynamics_flops_per_token, tokenizer_flops_per_token
+from worldmodel.models.layers import STBlock
 from worldmodel.models.presets import preset
 from worldmodel.models.tokenizer import Tokenizer
 
@@ -83,7 +84,11 @@ class WorldModelModule(L.LightningModule):
             return
         self.net = self.build_net()
         if self.config.trainer.compile:
-            self.net.compile()  # in place: state-dict keys stay the same
+            # Regional compilation: each ST block once (they are alike, so one graph serves all),
+            # in place, so state-dict keys stay the same.
+            for block in self.net.modules():
+                if isinstance(block, STBlock):
+                    block.compile()
 
     def step_generator(self, batch_idx: int) -> torch.Generator:
         """Randomness of one training step, a function of (seed, epoch, batch, rank): resumable."""
