@@ -1,0 +1,49 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from worldmodel.eval.metrics import frechet_distance, gaussian_statistics, psnr, ssim
+
+
+def test_psnr_of_a_known_error_per_frame():
+    target = torch.full((2, 3, 16, 16, 3), 100, dtype=torch.uint8)
+    prediction = target + 10  # every pixel off by 10: MSE 100
+    values = psnr(prediction, target)
+    assert values.shape == (2, 3)
+    torch.testing.assert_close(values, torch.full((2, 3), 10 * math.log10(255**2 / 100)))
+
+
+def test_ssim_of_uniform_images_matches_its_closed_form():
+    mu_x, mu_y = 100.0, 140.0
+    prediction = torch.full((4, 32, 32, 3), int(mu_x), dtype=torch.uint8)
+    target = torch.full((4, 32, 32, 3), int(mu_y), dtype=torch.uint8)
+    c1 = (0.01 * 255) ** 2  # no variance: only the luminance term is left
+    expected = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)
+    # float32 variance of a constant image is ~0, not 0: agreement to 1e-3
+    torch.testing.assert_close(ssim(prediction, target), torch.full((4,), expected), rtol=1e-3, atol=1e-3)
+    assert ssim(target, target).allclose(torch.ones(4))
+
+
+def test_frechet_distance_of_two_gaussians_matches_the_closed_form():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=8), rng.normal(size=8)
+    a, b = rng.uniform(0.5, 2.0, size=8), rng.uniform(0.5, 2.0, size=8)
+    # Diagonal covariances: Tr(S1 + S2 - 2 sqrt(S1 S2)) = sum (sqrt(a) - sqrt(b))^2
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-9)
+    # A rotation of both covariances changes nothing.
+    rotation, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+    rotated = frechet_distance(
+        mu1, rotation @ np.diag(a) @ rotation.T, mu2, rotation @ np.diag(b) @ rotation.T
+    )
+    assert rotated == pytest.approx(expected, rel=1e-6)
+
+
+def test_frechet_distance_of_a_set_against_itself_is_zero_even_when_singular():
+    features = np.random.default_rng(1).normal(size=(20, 64))  # fewer samples than dimensions
+    mu, sigma = gaussian_statistics(features)
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-3
+    with pytest.raises(ValueError, match="at least 2"):
+        gaussian_statistics(features[:1])

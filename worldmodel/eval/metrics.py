@@ -1,0 +1,60 @@
+"""Frame metrics (PSNR, SSIM, from torchmetrics) and the Fréchet distance between Gaussians (FVD's core).
+
+Frames are uint8 tensors (..., H, W, 3). Per-frame values are returned so callers can average
+per horizon step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg
+import torch
+from einops import rearrange
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+
+def _as_images(frames: torch.Tensor) -> torch.Tensor:
+    return rearrange(frames.float(), "... h w c -> (...) c h w")  # one image per frame
+
+
+def psnr(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB of each frame: uint8 (..., H, W, 3) -> (...)."""
+    values = peak_signal_noise_ratio(
+        _as_images(prediction), _as_images(target), data_range=255.0, reduction="none", dim=(1, 2, 3)
+    )
+    return values.reshape(prediction.shape[:-3])
+
+
+def ssim(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """SSIM (Gaussian window 11, sigma 1.5) of each frame: uint8 (..., H, W, 3) -> (...)."""
+    values = structural_similarity_index_measure(
+        _as_images(prediction), _as_images(target), data_range=255.0, reduction="none"
+    )
+    return values.reshape(prediction.shape[:-3])
+
+
+def gaussian_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of features (N, D), in float64."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or len(features) < 2:
+        raise ValueError(f"need at least 2 feature vectors (N, D), got shape {features.shape}")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), the distance between two Gaussians.
+
+    The matrix square root of S1 S2 can come back with tiny imaginary parts or fail on singular
+    covariances (fewer samples than dimensions); then both covariances get a small ridge, as
+    in the reference FID code, and imaginary residue beyond round-off is an error.
+    """
+    difference = mu1 - mu2
+    root, _ = scipy.linalg.sqrtm(sigma1 @ sigma2, disp=False)
+    if not np.isfinite(root).all():
+        ridge = np.eye(len(sigma1)) * 1e-6
+        root = scipy.linalg.sqrtm((sigma1 + ridge) @ (sigma2 + ridge))
+    if np.iscomplexobj(root):
+        if not np.allclose(np.diagonal(root).imag, 0, atol=1e-3):
+            raise ValueError(f"matrix square root has imaginary part {np.abs(root.imag).max():.3g}")
+        root = root.real
+    return float(difference @ difference + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(root))
