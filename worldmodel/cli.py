@@ -57,6 +57,21 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--precision", choices=("bf16-mixed", "32-true"), default="bf16-mixed")
     info.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU, for the fits column")
 
+    evaluate = commands.add_parser("eval", help="roll checkpoints out on held-out clips and score them")
+    evaluate.add_argument(
+        "checkpoints", nargs="+", help="dynamics checkpoints (files, DeepSpeed folders, exports)"
+    )
+    evaluate.add_argument("--data", required=True, help="prepared folder; its val split is used")
+    evaluate.add_argument("--context", type=int, default=4, help="real frames given")
+    evaluate.add_argument("--horizon", type=int, default=12, help="frames generated and scored")
+    evaluate.add_argument("--clips", type=int, default=64, help="held-out clips to score")
+    evaluate.add_argument("--steps", type=int, default=8, help="MaskGIT iterations per frame")
+    evaluate.add_argument("--temperature", type=float, default=1.0)
+    evaluate.add_argument("--top-k", type=int, default=None)
+    evaluate.add_argument("--batch-size", type=int, default=4)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--out", default="eval", help="output folder")
+
     export = commands.add_parser(
         "export", help="consolidate a checkpoint into one file (no DeepSpeed needed)"
     )
@@ -199,6 +214,17 @@ def _run(args: argparse.Namespace) -> None:
         _info(args)
     elif args.command == "inspect":
         _inspect(args)
+    elif args.command == "eval":
+        from worldmodel.eval.report import evaluate
+        from worldmodel.eval.rollout import RolloutSettings
+
+        settings = RolloutSettings(
+            args.context, args.horizon, args.steps, args.temperature, args.top_k, args.seed
+        )
+        for report in evaluate(args.checkpoints, args.data, settings, args.clips, args.out, args.batch_size):
+            means = ", ".join(f"{name} {value:.3f}" for name, value in report["mean"].items())
+            print(f"{report['checkpoint']}: {report['clips']} clips; {means}")
+        print(f"wrote {args.out}/")
     elif args.command == "export":
         from worldmodel.training.checkpoint import export
 

@@ -111,6 +111,18 @@ class WorldModelModule(L.LightningModule):
             batch_size=len(batch["video"]),
         )
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Record what the model was trained on, so evaluation can refuse data it cannot read."""
+        spec = self.trainer.datamodule.spec if self.trainer.datamodule else None
+        if spec is not None:
+            index = self.trainer.datamodule.index or {}
+            checkpoint["data"] = {
+                "height": spec.height,
+                "width": spec.width,
+                "frames": spec.frames,
+                "num_actions": index.get("num_actions"),
+            }
+
     def configure_optimizers(self):
         optim, strategy = self.config.optim, self.config.strategy
         groups = decay_groups(self.net, optim.weight_decay)
@@ -224,6 +236,7 @@ class DynamicsModule(WorldModelModule):
         return torch.cat([video, predicted], dim=3)[0]  # truth | context + rollout
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["tokenizer"] = {
             "config": asdict(self.tokenizer.config),
             "state_dict": {name: value.cpu() for name, value in self.tokenizer.state_dict().items()},

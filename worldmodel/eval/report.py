@@ -1,0 +1,182 @@
+"""`worldmodel eval`: score checkpoints on held-out clips; write metrics.json, plots and videos.
+
+Per checkpoint, in `out/<checkpoint name>/`: `metrics.json` (every metric per horizon step and
+averaged, at horizons 1/4/8, and what was skipped and why), `metrics.png` (each metric against
+the horizon, model vs copy-last-frame), `rollouts.mp4` (truth | prediction for a few clips).
+With several checkpoints, `out/comparison.md` puts them side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from worldmodel.data.pipeline import ClipSpec, ClipStream
+from worldmodel.data.shards import read_index, shard_paths
+from worldmodel.data.video import encode_mp4
+from worldmodel.eval.rollout import RolloutSettings, WorldModel, load_world_model, score_batch
+from worldmodel.training.checkpoint import CheckpointError
+
+REPORTED_HORIZONS = (1, 4, 8)
+VIDEO_CLIPS = 4
+
+
+class EvalError(ValueError):
+    """Data or settings a checkpoint cannot be evaluated with; the message names the mismatch."""
+
+
+def check_compatible(model: WorldModel, index: dict, settings: RolloutSettings, data: Path) -> None:
+    needed = settings.context + settings.horizon
+    if settings.context < 1:
+        raise EvalError(f"--context must be >= 1, got {settings.context}")
+    if needed > index["frames_per_clip"]:
+        raise EvalError(
+            f"--context {settings.context} + --horizon {settings.horizon} = {needed} frames, but clips in "
+            f"{data} have {index['frames_per_clip']}: lower --horizon"
+        )
+    trained = model.trained_on
+    if trained.get("height") and (trained["height"], trained["width"]) != (index["height"], index["width"]):
+        raise EvalError(
+            f"{data} holds {index['height']}x{index['width']} clips; the model was trained on "
+            f"{trained['height']}x{trained['width']}"
+        )
+    data_actions = index["num_actions"] or 0
+    if data_actions > model.num_actions:
+        raise EvalError(
+            f"{data} has {data_actions} actions; the model knows {model.num_actions}: another action space"
+        )
+
+
+def held_out_batches(data: Path, frames: int, clips: int, batch_size: int):
+    stream = ClipStream(shard_paths(data, "val"), ClipSpec(frames), batch_size, train=False)
+    taken = 0
+    for batch in stream:
+        if taken >= clips:
+            return
+        keep = min(len(batch["key"]), clips - taken)
+        taken += keep
+        yield {name: value[:keep] for name, value in batch.items() if name != "stream"}
+
+
+def evaluate_checkpoint(
+    path: str | os.PathLike,
+    data: str | os.PathLike,
+    settings: RolloutSettings,
+    clips: int,
+    out: Path,
+    batch_size: int,
+) -> dict:
+    data = Path(data)
+    index = read_index(data)
+    model = load_world_model(path)
+    check_compatible(model, index, settings, data)
+    per_clip: dict[str, list[torch.Tensor]] = {}
+    frames_for_video = []
+    progress = tqdm(total=clips, unit="clip", desc=f"eval {Path(path).name}")
+    for batch in held_out_batches(data, settings.context + settings.horizon, clips, batch_size):
+        scores, predicted = score_batch(model, batch, settings)
+        for name, values in scores.items():
+            per_clip.setdefault(name, []).append(values)
+        if len(frames_for_video) < VIDEO_CLIPS:
+            truth = batch["video"][:, settings.context : settings.context + settings.horizon]
+            frames_for_video.extend(torch.cat([truth, predicted], dim=3))  # each (horizon, H, 2W, 3)
+        progress.update(len(batch["key"]))
+    progress.close()
+    if not per_clip:
+        raise EvalError(f"{data} has no validation clips")
+    report = summarize({name: torch.cat(values) for name, values in per_clip.items()}, settings)
+    report["checkpoint"] = str(path)
+    report["fvd"] = {"skipped": "no I3D weights given"}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, out / "metrics.png")
+    grid = np.concatenate(
+        [clip.numpy() for clip in frames_for_video[:VIDEO_CLIPS]], axis=1
+    )  # stack clips vertically
+    (out / "rollouts.mp4").write_bytes(encode_mp4(grid, fps=index["fps"]))
+    return report
+
+
+def summarize(per_clip: dict[str, torch.Tensor], settings: RolloutSettings) -> dict:
+    """Per-step means (over clips), overall means, and values at the reported horizons."""
+    per_step = {name: values.mean(dim=0).tolist() for name, values in per_clip.items()}
+    return {
+        "clips": len(next(iter(per_clip.values()))),
+        "context": settings.context,
+        "horizon": settings.horizon,
+        "per_step": per_step,
+        "mean": {name: float(np.mean(values)) for name, values in per_step.items()},
+        "at_horizon": {
+            str(h): {name: values[h - 1] for name, values in per_step.items()}
+            for h in REPORTED_HORIZONS
+            if h <= settings.horizon
+        },
+    }
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_step = report["per_step"]
+    steps = np.arange(1, report["horizon"] + 1)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, label in (
+        ("model_psnr", "model"),
+        ("copy_last_psnr", "copy last frame"),
+        ("tokenizer_psnr", "tokenizer (ceiling)"),
+        ("random_action_psnr", "random actions"),
+    ):
+        if name in per_step:
+            left.plot(steps, per_step[name], marker="o", label=label)
+    left.set(xlabel="horizon step", ylabel="PSNR (dB)", title="PSNR")
+    for name, label in (("model_ssim", "model"), ("copy_last_ssim", "copy last frame")):
+        right.plot(steps, per_step[name], marker="o", label=label)
+    right.set(xlabel="horizon step", ylabel="SSIM", title="SSIM")
+    for axes in (left, right):
+        axes.legend()
+        axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def compare(reports: list[dict], path: Path) -> str:
+    """A markdown table of the checkpoints' headline numbers."""
+    columns = ["model_psnr", "copy_last_psnr", "model_ssim", "tokenizer_psnr", "delta_t_psnr"]
+    lines = [
+        "| checkpoint | " + " | ".join(f"{c} (mean)" for c in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    for report in reports:
+        cells = [f"{report['mean'][c]:.3f}" if c in report["mean"] else "-" for c in columns]
+        lines.append(f"| {report['checkpoint']} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + "\n"
+    path.write_text(table)
+    return table
+
+
+def evaluate(
+    checkpoints: list[str], data: str, settings: RolloutSettings, clips: int, out: str, batch_size: int = 4
+):
+    out = Path(out)
+    reports = []
+    for checkpoint in checkpoints:
+        if not Path(checkpoint).exists():
+            raise CheckpointError(f"{checkpoint}: no such checkpoint")
+        name = (
+            Path(checkpoint).name
+            if len(checkpoints) == 1
+            else f"{len(reports)}_{Path(checkpoint).parent.parent.name}"
+        )
+        reports.append(evaluate_checkpoint(checkpoint, data, settings, clips, out / name, batch_size))
+    if len(reports) > 1:
+        print(compare(reports, out / "comparison.md"))
+    return reports

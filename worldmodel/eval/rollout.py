@@ -1,0 +1,112 @@
+"""Roll a trained world model out on held-out clips and score it against the truth.
+
+For each clip: the first `context` frames are tokenized and given; `horizon` frames are
+generated under the clip's true actions and decoded. Scored per horizon step against the real
+frames: the model, the copy-last-frame baseline (the prediction to beat), the tokenizer's own
+reconstruction (the ceiling), and, where the data has actions, the model under random actions
+(ΔtPSNR = PSNR with true actions - PSNR with random ones, as in the Genie paper).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from worldmodel.data import NULL_ACTION
+from worldmodel.eval.metrics import psnr, ssim
+from worldmodel.models.dynamics import Dynamics
+from worldmodel.models.presets import preset
+from worldmodel.models.tokenizer import Tokenizer, TokenizerConfig
+from worldmodel.training.checkpoint import CheckpointError, checkpoint_config, net_state_dict, read_checkpoint
+
+
+@dataclass
+class WorldModel:
+    dynamics: Dynamics
+    tokenizer: Tokenizer
+    config: dict  # the training config the checkpoint was written with
+    trained_on: dict  # clip size, frames and action count of the training data
+
+    @property
+    def num_actions(self) -> int:
+        return self.dynamics.config.num_actions
+
+
+def load_world_model(path: str | os.PathLike) -> WorldModel:
+    """A dynamics checkpoint (file, DeepSpeed folder or export) with the tokenizer it embeds."""
+    checkpoint = read_checkpoint(path)
+    config = checkpoint_config(checkpoint, path)
+    if config["task"]["stage"] != "dynamics":
+        raise CheckpointError(
+            f"{path}: a {config['task']['stage']} checkpoint; this needs a dynamics checkpoint "
+            "(evaluate a tokenizer alone with --tokenizer-only)"
+        )
+    if "tokenizer" not in checkpoint:
+        raise CheckpointError(f"{path}: dynamics checkpoint without its tokenizer entry")
+    tokenizer = Tokenizer(TokenizerConfig(**checkpoint["tokenizer"]["config"]))
+    tokenizer.load_state_dict(checkpoint["tokenizer"]["state_dict"])
+    weights = net_state_dict(checkpoint)
+    dynamics_config = preset(config["model"]["preset"])
+    dynamics_config.vocab_size = tokenizer.vocab_size
+    dynamics_config.num_actions = weights["action_embedding.weight"].shape[0] - 1  # last row: null action
+    dynamics = Dynamics(dynamics_config)
+    dynamics.load_state_dict(weights)
+    return WorldModel(dynamics.eval(), tokenizer.eval(), config, checkpoint.get("data") or {})
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    context: int = 4
+    horizon: int = 12
+    maskgit_steps: int = 8
+    temperature: float = 1.0
+    top_k: int | None = None
+    seed: int = 0
+
+
+@torch.no_grad()
+def rollout(
+    model: WorldModel, video: torch.Tensor, actions: torch.Tensor, settings: RolloutSettings, generator
+):
+    """Decoded frames (B, horizon, H, W, 3) after `context` real frames, under `actions`."""
+    tokens = model.tokenizer.encode(video[:, : settings.context])  # (B, context, h, w)
+    generated = model.dynamics.generate(
+        tokens,
+        actions,
+        frames=settings.horizon,
+        steps=settings.maskgit_steps,
+        temperature=settings.temperature,
+        top_k=settings.top_k,
+        generator=generator,
+    )
+    decoded = model.tokenizer.decode(torch.cat([tokens, generated], dim=1))
+    return decoded[:, settings.context :]
+
+
+@torch.no_grad()
+def score_batch(model: WorldModel, batch: dict, settings: RolloutSettings) -> tuple[dict, torch.Tensor]:
+    """Per-clip, per-step scores (each (B, horizon)) of one batch, and the model's frames."""
+    span = settings.context + settings.horizon
+    video, actions = batch["video"][:, :span], batch["actions"][:, :span]
+    truth = video[:, settings.context :]  # (B, horizon, H, W, 3)
+    generator = torch.Generator().manual_seed(settings.seed)
+    predicted = rollout(model, video, actions, settings, generator)
+    copy_last = video[:, settings.context - 1 : settings.context].expand_as(truth)
+    reconstruction = model.tokenizer.decode(model.tokenizer.encode(video))[:, settings.context :]
+    scores = {
+        "model_psnr": psnr(predicted, truth),
+        "model_ssim": ssim(predicted, truth),
+        "copy_last_psnr": psnr(copy_last, truth),
+        "copy_last_ssim": ssim(copy_last, truth),
+        "tokenizer_psnr": psnr(reconstruction, truth),
+    }
+    if model.num_actions > 0 and bool((actions != NULL_ACTION).all()):
+        random_actions = torch.randint(0, model.num_actions, actions.shape, generator=generator)
+        randomized = rollout(
+            model, video, random_actions, settings, torch.Generator().manual_seed(settings.seed)
+        )
+        scores["random_action_psnr"] = psnr(randomized, truth)
+        scores["delta_t_psnr"] = scores["model_psnr"] - scores["random_action_psnr"]
+    return scores, predicted
