@@ -1,0 +1,116 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from tests.training_helpers import ROOT
+from worldmodel.eval.report import EvalError, evaluate
+from worldmodel.eval.rollout import RolloutSettings
+from worldmodel.training.checkpoint import CheckpointError
+from worldmodel.training.run import run, to_train_config
+
+WORLDMODEL = Path(sys.executable).with_name("worldmodel")
+
+
+def train_in_process(run_dir: Path, data: Path, *overrides: str) -> Path:
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        composed = compose(
+            "train",
+            overrides=[
+                f"run_dir={run_dir}",
+                f"data.root={data}",
+                "logger=csv",
+                "data.frames=8",
+                "data.global_batch_size=2",
+                "data.num_workers=0",
+                "trainer.max_steps=2",
+                "trainer.checkpoint_every_n_steps=2",
+                "trainer.video_every_n_steps=0",
+                *overrides,
+            ],
+        )
+    run(to_train_config(composed))
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def atari_world_model(tmp_path_factory, atari_dir) -> tuple[Path, Path]:
+    """A (barely) trained tokenizer and action-conditioned dynamics model on real game play."""
+    root = tmp_path_factory.mktemp("world_model")
+    tokenizer = train_in_process(root / "tokenizer", atari_dir, "task=tokenizer", "model=tokenizer_debug")
+    dynamics = train_in_process(
+        root / "dynamics",
+        atari_dir,
+        "task=dynamics",
+        "model=dynamics_debug",
+        f"task.tokenizer_checkpoint={tokenizer}",
+    )
+    return tokenizer, dynamics
+
+
+@pytest.mark.slow
+def test_eval_end_to_end_writes_every_output(atari_world_model, atari_dir, tmp_path):
+    _, dynamics = atari_world_model
+    result = subprocess.run(
+        [
+            str(WORLDMODEL),
+            "eval",
+            str(dynamics),
+            str(dynamics),
+            "--data",
+            str(atari_dir),
+            "--context",
+            "2",
+            "--horizon",
+            "4",
+            "--clips",
+            "3",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for run_dir in ("0_dynamics", "1_dynamics"):
+        report = json.loads((tmp_path / run_dir / "metrics.json").read_text())
+        assert report["clips"] == 3 and report["horizon"] == 4
+        for name in (
+            "model_psnr",
+            "model_ssim",
+            "copy_last_psnr",
+            "copy_last_ssim",
+            "tokenizer_psnr",
+            "random_action_psnr",
+            "delta_t_psnr",
+        ):
+            assert len(report["per_step"][name]) == 4, name
+        assert set(report["at_horizon"]) == {"1", "4"}
+        assert "skipped" in report["fvd"]
+        assert (tmp_path / run_dir / "metrics.png").stat().st_size > 10_000
+        assert (tmp_path / run_dir / "rollouts.mp4").stat().st_size > 1_000
+    assert "model_psnr" in (tmp_path / "comparison.md").read_text()
+
+
+@pytest.mark.slow
+def test_eval_refuses_bad_inputs_with_clear_errors(atari_world_model, atari_dir, sample_dir, tmp_path):
+    tokenizer, dynamics = atari_world_model
+    settings = RolloutSettings(context=2, horizon=4, maskgit_steps=2)
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        evaluate([str(tmp_path / "missing.ckpt")], str(atari_dir), settings, 2, str(tmp_path))
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(dynamics.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="unreadable checkpoint"):
+        evaluate([str(corrupt)], str(atari_dir), settings, 2, str(tmp_path))
+    with pytest.raises(CheckpointError, match="a tokenizer checkpoint; this needs a dynamics checkpoint"):
+        evaluate([str(tokenizer)], str(atari_dir), settings, 2, str(tmp_path))
+    with pytest.raises(EvalError, match="64x64 clips; the model was trained on 32x32"):
+        evaluate([str(dynamics)], str(sample_dir), settings, 2, str(tmp_path))
+    with pytest.raises(EvalError, match="lower --horizon"):
+        evaluate([str(dynamics)], str(atari_dir), RolloutSettings(context=2, horizon=12), 2, str(tmp_path))
