@@ -114,3 +114,62 @@ def test_eval_refuses_bad_inputs_with_clear_errors(atari_world_model, atari_dir,
         evaluate([str(dynamics)], str(sample_dir), settings, 2, str(tmp_path))
     with pytest.raises(EvalError, match="lower --horizon"):
         evaluate([str(dynamics)], str(atari_dir), RolloutSettings(context=2, horizon=12), 2, str(tmp_path))
+
+
+@pytest.mark.slow
+def test_generate_continues_a_real_video_under_given_actions(atari_world_model, atari_dir, tmp_path):
+    import av
+    import webdataset as wds
+
+    from worldmodel.data.shards import shard_paths
+    from worldmodel.data.video import decode_mp4
+
+    _, dynamics = atari_world_model
+    sample = next(iter(wds.WebDataset(shard_paths(atari_dir, "val"), shardshuffle=False)))
+    context = tmp_path / "context.mp4"
+    context.write_bytes(sample["mp4"])
+    out = tmp_path / "rollout.mp4"
+    result = subprocess.run(
+        [
+            str(WORLDMODEL),
+            "generate",
+            str(dynamics),
+            "--context",
+            str(context),
+            "--context-frames",
+            "3",
+            "--actions",
+            "1,3",
+            "--frames",
+            "5",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with av.open(str(out)) as container:
+        assert container.streams.video[0].frames == 8  # 3 real + 5 generated
+    real = decode_mp4(sample["mp4"], range(3), 8)
+    assert (decode_mp4(out.read_bytes(), range(3), 8).astype(int) - real).__abs__().mean() < 3  # context kept
+    bad = subprocess.run(
+        [
+            str(WORLDMODEL),
+            "generate",
+            str(dynamics),
+            "--context",
+            str(context),
+            "--actions",
+            "99",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and "--actions must be ids in [0, 18)" in bad.stderr

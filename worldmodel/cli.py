@@ -72,6 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--out", default="eval", help="output folder")
 
+    generate = commands.add_parser("generate", help="play the world model: continue a video under actions")
+    generate.add_argument("checkpoint", help="a dynamics checkpoint")
+    generate.add_argument(
+        "--context", required=True, help="a video file whose first frames start the rollout"
+    )
+    generate.add_argument("--context-frames", type=int, default=4, help="how many of its frames to give")
+    generate.add_argument("--actions", required=True, help="comma-separated action ids, one per new frame")
+    generate.add_argument("--frames", type=int, default=None, help="new frames (default: one per action)")
+    generate.add_argument("--steps", type=int, default=8, help="MaskGIT iterations per frame")
+    generate.add_argument("--temperature", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=None)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--out", default="rollout.mp4")
+
     export = commands.add_parser(
         "export", help="consolidate a checkpoint into one file (no DeepSpeed needed)"
     )
@@ -192,6 +206,22 @@ def _info(args: argparse.Namespace) -> None:
         print(f"{strategy:>11}  " + "  ".join(f"{n / 1e9:>11.1f}" for n in numbers) + f"  {fits:>11}")
 
 
+def _generate(args: argparse.Namespace) -> None:
+    from worldmodel.data.video import encode_mp4
+    from worldmodel.eval.rollout import RolloutSettings, generate_from_video, load_world_model
+
+    actions = [int(action) for action in args.actions.split(",") if action.strip()]
+    frames = args.frames or len(actions)
+    actions = (actions * frames)[:frames]  # repeat the given sequence to the requested length
+    model = load_world_model(args.checkpoint)
+    settings = RolloutSettings(
+        maskgit_steps=args.steps, temperature=args.temperature, top_k=args.top_k, seed=args.seed
+    )
+    video = generate_from_video(model, args.context, actions, args.context_frames, settings)
+    Path(args.out).write_bytes(encode_mp4(video.numpy(), fps=model.config["data"].get("fps") or 10.0))
+    print(f"wrote {args.out}: {args.context_frames} real frames + {frames} generated")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -225,6 +255,8 @@ def _run(args: argparse.Namespace) -> None:
             means = ", ".join(f"{name} {value:.3f}" for name, value in report["mean"].items())
             print(f"{report['checkpoint']}: {report['clips']} clips; {means}")
         print(f"wrote {args.out}/")
+    elif args.command == "generate":
+        _generate(args)
     elif args.command == "export":
         from worldmodel.training.checkpoint import export
 

@@ -110,3 +110,30 @@ def score_batch(model: WorldModel, batch: dict, settings: RolloutSettings) -> tu
         scores["random_action_psnr"] = psnr(randomized, truth)
         scores["delta_t_psnr"] = scores["model_psnr"] - scores["random_action_psnr"]
     return scores, predicted
+
+
+@torch.no_grad()
+def generate_from_video(
+    model: WorldModel, path: str | os.PathLike, actions: list[int], context: int, settings: RolloutSettings
+):
+    """Frames (context + len(actions), H, W, 3): the first `context` frames of a video file, then
+    the world model's continuation, frame i + 1 following action i."""
+    from worldmodel.data.video import iter_frames, resize_short_side_center_crop
+
+    size = model.trained_on.get("height") or 64
+    fps = model.config["data"].get("fps")
+    frames = []
+    for _, rgb in iter_frames(str(path), fps):
+        frames.append(torch.from_numpy(resize_short_side_center_crop(rgb, size)))
+        if len(frames) == context:
+            break
+    if len(frames) < context:
+        raise ValueError(f"{path}: {len(frames)} frames, --context asks for {context}")
+    if any(not 0 <= action < model.num_actions for action in actions):
+        raise ValueError(f"--actions must be ids in [0, {model.num_actions}), got {actions}")
+    video = torch.stack(frames)[None]  # (1, context, H, W, 3)
+    # Actions of the context frames before the last are unknown: the null action.
+    sequence = torch.tensor([[NULL_ACTION] * (context - 1) + list(actions)])
+    run = RolloutSettings(context, len(actions), settings.maskgit_steps, settings.temperature, settings.top_k)
+    generated = rollout(model, video, sequence, run, torch.Generator().manual_seed(settings.seed))
+    return torch.cat([video, generated], dim=1)[0]
