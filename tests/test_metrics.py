@@ -46,3 +46,29 @@ def test_frechet_distance_of_a_set_against_itself_is_zero_even_when_singular():
     assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-3
     with pytest.raises(ValueError, match="at least 2"):
         gaussian_statistics(features[:1])
+
+
+def test_fvd_through_i3d_is_zero_for_a_set_against_itself_and_grows_with_corruption(tmp_path):
+    from worldmodel.eval.i3d import InceptionI3d, fvd, load_i3d
+
+    torch.manual_seed(0)
+    weights = tmp_path / "i3d.pt"
+    network = InceptionI3d()
+    for module in network.modules():  # He init keeps activations alive through 20 random layers
+        if isinstance(module, torch.nn.Conv3d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    torch.save(network.state_dict(), weights)  # a weights file in the layout users supply
+    network = load_i3d(weights)
+    frames = torch.linspace(0, 255, 32).round().to(torch.uint8)
+    real = frames.view(1, 1, 1, 32, 1).expand(6, 9, 32, 32, 3).clone()
+    real = (real.int() + torch.arange(6).view(6, 1, 1, 1, 1) * 20).clamp(0, 255).to(torch.uint8)
+    noisy = (real.int() + torch.randint(-60, 60, real.shape)).clamp(0, 255).to(torch.uint8)
+    corrupted = fvd(network, real, noisy)
+    assert corrupted > 1.0
+    assert abs(fvd(network, real, real)) < 1e-6 * corrupted
+    (tmp_path / "bad.pt").write_bytes(b"not weights")
+    with pytest.raises(ValueError, match="cannot read I3D weights"):
+        load_i3d(tmp_path / "bad.pt")
+    torch.save({"fc.weight": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not I3D weights in the expected layout"):
+        load_i3d(tmp_path / "other.pt")

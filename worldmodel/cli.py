@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=4)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--out", default="eval", help="output folder")
+    evaluate.add_argument("--i3d", default=None, help="I3D weights file for FVD (see worldmodel/eval/i3d.py)")
 
     generate = commands.add_parser("generate", help="play the world model: continue a video under actions")
     generate.add_argument("checkpoint", help="a dynamics checkpoint")
@@ -251,7 +252,10 @@ def _run(args: argparse.Namespace) -> None:
         settings = RolloutSettings(
             args.context, args.horizon, args.steps, args.temperature, args.top_k, args.seed
         )
-        for report in evaluate(args.checkpoints, args.data, settings, args.clips, args.out, args.batch_size):
+        reports = evaluate(
+            args.checkpoints, args.data, settings, args.clips, args.out, args.batch_size, args.i3d
+        )
+        for report in reports:
             means = ", ".join(f"{name} {value:.3f}" for name, value in report["mean"].items())
             print(f"{report['checkpoint']}: {report['clips']} clips; {means}")
         print(f"wrote {args.out}/")

@@ -70,6 +70,7 @@ def evaluate_checkpoint(
     clips: int,
     out: Path,
     batch_size: int,
+    i3d=None,
 ) -> dict:
     data = Path(data)
     index = read_index(data)
@@ -77,11 +78,15 @@ def evaluate_checkpoint(
     check_compatible(model, index, settings, data)
     per_clip: dict[str, list[torch.Tensor]] = {}
     frames_for_video = []
+    real_clips, generated_clips = [], []  # whole clips (context + horizon), for FVD
     progress = tqdm(total=clips, unit="clip", desc=f"eval {Path(path).name}")
     for batch in held_out_batches(data, settings.context + settings.horizon, clips, batch_size):
         scores, predicted = score_batch(model, batch, settings)
         for name, values in scores.items():
             per_clip.setdefault(name, []).append(values)
+        span = batch["video"][:, : settings.context + settings.horizon]
+        real_clips.append(span)
+        generated_clips.append(torch.cat([span[:, : settings.context], predicted], dim=1))
         if len(frames_for_video) < VIDEO_CLIPS:
             truth = batch["video"][:, settings.context : settings.context + settings.horizon]
             frames_for_video.extend(torch.cat([truth, predicted], dim=3))  # each (horizon, H, 2W, 3)
@@ -91,7 +96,7 @@ def evaluate_checkpoint(
         raise EvalError(f"{data} has no validation clips")
     report = summarize({name: torch.cat(values) for name, values in per_clip.items()}, settings)
     report["checkpoint"] = str(path)
-    report["fvd"] = {"skipped": "no I3D weights given"}
+    report["fvd"] = video_distance(i3d, torch.cat(real_clips), torch.cat(generated_clips))
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(report, out / "metrics.png")
@@ -100,6 +105,21 @@ def evaluate_checkpoint(
     )  # stack clips vertically
     (out / "rollouts.mp4").write_bytes(encode_mp4(grid, fps=index["fps"]))
     return report
+
+
+def video_distance(i3d, real: torch.Tensor, generated: torch.Tensor) -> dict:
+    """FVD of context + rollout against the real clips, or why it was skipped."""
+    from worldmodel.eval.i3d import MIN_FRAMES, fvd
+
+    if i3d is None:
+        return {
+            "skipped": "no I3D weights given (--i3d FILE; see worldmodel/eval/i3d.py for where to get them)"
+        }
+    if real.shape[1] < MIN_FRAMES:
+        return {"skipped": f"clips of {real.shape[1]} frames; I3D needs at least {MIN_FRAMES}"}
+    if len(real) < 2:
+        return {"skipped": "FVD needs at least 2 clips"}
+    return {"value": fvd(i3d, real, generated), "clips": len(real), "frames": real.shape[1]}
 
 
 def summarize(per_clip: dict[str, torch.Tensor], settings: RolloutSettings) -> dict:
@@ -150,13 +170,14 @@ def plot(report: dict, path: Path) -> None:
 
 def compare(reports: list[dict], path: Path) -> str:
     """A markdown table of the checkpoints' headline numbers."""
-    columns = ["model_psnr", "copy_last_psnr", "model_ssim", "tokenizer_psnr", "delta_t_psnr"]
+    columns = ["model_psnr", "copy_last_psnr", "model_ssim", "tokenizer_psnr", "delta_t_psnr", "fvd"]
     lines = [
         "| checkpoint | " + " | ".join(f"{c} (mean)" for c in columns) + " |",
         "|---" * (len(columns) + 1) + "|",
     ]
     for report in reports:
-        cells = [f"{report['mean'][c]:.3f}" if c in report["mean"] else "-" for c in columns]
+        values = {**report["mean"], "fvd": report["fvd"].get("value")}
+        cells = [f"{values[c]:.3f}" if values.get(c) is not None else "-" for c in columns]
         lines.append(f"| {report['checkpoint']} | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     path.write_text(table)
@@ -164,9 +185,18 @@ def compare(reports: list[dict], path: Path) -> str:
 
 
 def evaluate(
-    checkpoints: list[str], data: str, settings: RolloutSettings, clips: int, out: str, batch_size: int = 4
+    checkpoints: list[str],
+    data: str,
+    settings: RolloutSettings,
+    clips: int,
+    out: str,
+    batch_size: int = 4,
+    i3d_weights: str | None = None,
 ):
+    from worldmodel.eval.i3d import load_i3d
+
     out = Path(out)
+    i3d = load_i3d(i3d_weights) if i3d_weights else None
     reports = []
     for checkpoint in checkpoints:
         if not Path(checkpoint).exists():
@@ -176,7 +206,7 @@ def evaluate(
             if len(checkpoints) == 1
             else f"{len(reports)}_{Path(checkpoint).parent.parent.name}"
         )
-        reports.append(evaluate_checkpoint(checkpoint, data, settings, clips, out / name, batch_size))
+        reports.append(evaluate_checkpoint(checkpoint, data, settings, clips, out / name, batch_size, i3d))
     if len(reports) > 1:
         print(compare(reports, out / "comparison.md"))
     return reports

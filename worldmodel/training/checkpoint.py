@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         if path.is_dir():
             return _read_deepspeed_folder(path)
         return torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as error:
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError, pickle.UnpicklingError) as error:
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(error).__name__}: {error})") from error
 
 
