@@ -58,7 +58,12 @@ def test_eval_end_to_end_writes_every_output(atari_world_model, atari_dir, tmp_p
     from worldmodel.eval.i3d import InceptionI3d
 
     _, dynamics = atari_world_model
+    from worldmodel.eval.lpips import LPIPS
+
     torch.save(InceptionI3d().state_dict(), tmp_path / "i3d.pt")
+    lpips_state = {k: v for k, v in LPIPS().state_dict().items() if k.startswith("features.")}
+    lpips_state |= {f"lin{i}": torch.rand(c) for i, c in enumerate((64, 192, 384, 256, 256))}
+    torch.save(lpips_state, tmp_path / "lpips.pt")
     command = [str(WORLDMODEL), "eval", str(dynamics), str(dynamics), "--data", str(atari_dir)]
     command += ["--context", "2", "--horizon", "4", "--clips", "3", "--steps", "2", "--out", str(tmp_path)]
     result = subprocess.run(

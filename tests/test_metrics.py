@@ -72,3 +72,23 @@ def test_fvd_through_i3d_is_zero_for_a_set_against_itself_and_grows_with_corrupt
     torch.save({"fc.weight": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not I3D weights in the expected layout"):
         load_i3d(tmp_path / "other.pt")
+
+
+def test_lpips_is_zero_for_identical_frames_and_grows_with_distortion(tmp_path):
+    from worldmodel.eval.lpips import LPIPS, load_lpips
+
+    torch.manual_seed(0)
+    network = LPIPS()
+    # The documented file layout: AlexNet `features.*` plus lin0..lin4 as flat per-channel weights.
+    state = {k: v for k, v in network.state_dict().items() if k.startswith("features.")}
+    state |= {f"lin{i}": torch.rand(channels) for i, channels in enumerate((64, 192, 384, 256, 256))}
+    torch.save(state, tmp_path / "lpips_alex.pt")
+    lpips = load_lpips(tmp_path / "lpips_alex.pt")
+    frames = torch.randint(0, 256, (2, 3, 64, 64, 3), dtype=torch.uint8)
+    slightly = (frames.int() + torch.randint(-10, 10, frames.shape)).clamp(0, 255).to(torch.uint8)
+    heavily = (frames.int() + torch.randint(-120, 120, frames.shape)).clamp(0, 255).to(torch.uint8)
+    assert lpips(frames, frames).shape == (2, 3) and lpips(frames, frames).abs().max() < 1e-6
+    assert (lpips(slightly, frames) < lpips(heavily, frames)).all()
+    torch.save({"lin0": torch.zeros(3)}, tmp_path / "wrong.pt")
+    with pytest.raises(ValueError, match="not LPIPS-AlexNet weights"):
+        load_lpips(tmp_path / "wrong.pt")

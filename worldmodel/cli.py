@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--out", default="eval", help="output folder")
     evaluate.add_argument("--i3d", default=None, help="I3D weights file for FVD (see worldmodel/eval/i3d.py)")
+    evaluate.add_argument(
+        "--lpips", default=None, help="LPIPS-AlexNet weights file (see worldmodel/eval/lpips.py)"
+    )
 
     generate = commands.add_parser("generate", help="play the world model: continue a video under actions")
     generate.add_argument("checkpoint", help="a dynamics checkpoint")
@@ -253,7 +256,7 @@ def _run(args: argparse.Namespace) -> None:
             args.context, args.horizon, args.steps, args.temperature, args.top_k, args.seed
         )
         reports = evaluate(
-            args.checkpoints, args.data, settings, args.clips, args.out, args.batch_size, args.i3d
+            args.checkpoints, args.data, settings, args.clips, args.out, args.batch_size, args.i3d, args.lpips
         )
         for report in reports:
             means = ", ".join(f"{name} {value:.3f}" for name, value in report["mean"].items())

@@ -126,7 +126,10 @@ def load_i3d(path: str | os.PathLike) -> InceptionI3d:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, pickle.UnpicklingError) as error:
         raise ValueError(f"{path}: cannot read I3D weights ({error})") from error
-    missing, unexpected = network.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = network.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shapes that do not fit
+        missing, unexpected = [str(error).splitlines()[-1].strip()], []
     if missing or unexpected:
         raise ValueError(
             f"{path}: not I3D weights in the expected layout; "

@@ -71,6 +71,7 @@ def evaluate_checkpoint(
     out: Path,
     batch_size: int,
     i3d=None,
+    lpips=None,
 ) -> dict:
     data = Path(data)
     index = read_index(data)
@@ -81,7 +82,7 @@ def evaluate_checkpoint(
     real_clips, generated_clips = [], []  # whole clips (context + horizon), for FVD
     progress = tqdm(total=clips, unit="clip", desc=f"eval {Path(path).name}")
     for batch in held_out_batches(data, settings.context + settings.horizon, clips, batch_size):
-        scores, predicted = score_batch(model, batch, settings)
+        scores, predicted = score_batch(model, batch, settings, lpips)
         for name, values in scores.items():
             per_clip.setdefault(name, []).append(values)
         span = batch["video"][:, : settings.context + settings.horizon]
@@ -97,6 +98,8 @@ def evaluate_checkpoint(
     report = summarize({name: torch.cat(values) for name, values in per_clip.items()}, settings)
     report["checkpoint"] = str(path)
     report["fvd"] = video_distance(i3d, torch.cat(real_clips), torch.cat(generated_clips))
+    if lpips is None:
+        report["lpips"] = {"skipped": "no LPIPS weights given (--lpips FILE; see worldmodel/eval/lpips.py)"}
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(report, out / "metrics.png")
@@ -192,11 +195,14 @@ def evaluate(
     out: str,
     batch_size: int = 4,
     i3d_weights: str | None = None,
+    lpips_weights: str | None = None,
 ):
     from worldmodel.eval.i3d import load_i3d
+    from worldmodel.eval.lpips import load_lpips
 
     out = Path(out)
     i3d = load_i3d(i3d_weights) if i3d_weights else None
+    lpips = load_lpips(lpips_weights) if lpips_weights else None
     reports = []
     for checkpoint in checkpoints:
         if not Path(checkpoint).exists():
@@ -206,7 +212,9 @@ def evaluate(
             if len(checkpoints) == 1
             else f"{len(reports)}_{Path(checkpoint).parent.parent.name}"
         )
-        reports.append(evaluate_checkpoint(checkpoint, data, settings, clips, out / name, batch_size, i3d))
+        reports.append(
+            evaluate_checkpoint(checkpoint, data, settings, clips, out / name, batch_size, i3d, lpips)
+        )
     if len(reports) > 1:
         print(compare(reports, out / "comparison.md"))
     return reports

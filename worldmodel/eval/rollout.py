@@ -86,8 +86,11 @@ def rollout(
 
 
 @torch.no_grad()
-def score_batch(model: WorldModel, batch: dict, settings: RolloutSettings) -> tuple[dict, torch.Tensor]:
-    """Per-clip, per-step scores (each (B, horizon)) of one batch, and the model's frames."""
+def score_batch(
+    model: WorldModel, batch: dict, settings: RolloutSettings, lpips=None
+) -> tuple[dict, torch.Tensor]:
+    """Per-clip, per-step scores (each (B, horizon)) of one batch, and the model's frames.
+    `lpips`: an LPIPS network (eval/lpips.py) to add perceptual distances, or None."""
     span = settings.context + settings.horizon
     video, actions = batch["video"][:, :span], batch["actions"][:, :span]
     truth = video[:, settings.context :]  # (B, horizon, H, W, 3)
@@ -102,6 +105,15 @@ def score_batch(model: WorldModel, batch: dict, settings: RolloutSettings) -> tu
         "copy_last_ssim": ssim(copy_last, truth),
         "tokenizer_psnr": psnr(reconstruction, truth),
     }
+    if lpips is not None:
+        from worldmodel.eval.lpips import resize_for_lpips
+
+        sized = {
+            name: resize_for_lpips(frames)
+            for name, frames in (("truth", truth), ("model", predicted), ("copy", copy_last))
+        }
+        scores["model_lpips"] = lpips(sized["model"], sized["truth"])
+        scores["copy_last_lpips"] = lpips(sized["copy"], sized["truth"])
     if model.num_actions > 0 and bool((actions != NULL_ACTION).all()):
         random_actions = torch.randint(0, model.num_actions, actions.shape, generator=generator)
         randomized = rollout(
