@@ -56,19 +56,25 @@ def test_eval_end_to_end_writes_every_output(atari_world_model, atari_dir, tmp_p
     import torch
 
     from worldmodel.eval.i3d import InceptionI3d
-
-    _, dynamics = atari_world_model
     from worldmodel.eval.lpips import LPIPS
 
+    _, dynamics = atari_world_model
+    # Weight files in the layouts users supply (random values: the pipeline is under test here).
     torch.save(InceptionI3d().state_dict(), tmp_path / "i3d.pt")
     lpips_state = {k: v for k, v in LPIPS().state_dict().items() if k.startswith("features.")}
     lpips_state |= {f"lin{i}": torch.rand(c) for i, c in enumerate((64, 192, 384, 256, 256))}
     torch.save(lpips_state, tmp_path / "lpips.pt")
     command = [str(WORLDMODEL), "eval", str(dynamics), str(dynamics), "--data", str(atari_dir)]
     command += ["--context", "2", "--horizon", "4", "--clips", "3", "--steps", "2", "--out", str(tmp_path)]
-    result = subprocess.run(
-        [*command, "--i3d", str(tmp_path / "i3d.pt")], capture_output=True, text=True, timeout=300
-    )
+    command += [
+        "--i3d",
+        str(tmp_path / "i3d.pt"),
+        "--lpips",
+        str(tmp_path / "lpips.pt"),
+        "--wandb",
+        "offline",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     for run_dir in ("0_dynamics", "1_dynamics"):
         report = json.loads((tmp_path / run_dir / "metrics.json").read_text())
@@ -79,6 +85,8 @@ def test_eval_end_to_end_writes_every_output(atari_world_model, atari_dir, tmp_p
             "copy_last_psnr",
             "copy_last_ssim",
             "tokenizer_psnr",
+            "model_lpips",
+            "copy_last_lpips",
             "random_action_psnr",
             "delta_t_psnr",
         ):
@@ -88,6 +96,8 @@ def test_eval_end_to_end_writes_every_output(atari_world_model, atari_dir, tmp_p
         assert (tmp_path / run_dir / "metrics.png").stat().st_size > 10_000
         assert (tmp_path / run_dir / "rollouts.mp4").stat().st_size > 1_000
     assert "model_psnr" in (tmp_path / "comparison.md").read_text()
+    (offline,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert list(offline.glob("*.wandb")) and list(offline.rglob("*.png")) and list(offline.rglob("*.mp4"))
 
 
 @pytest.mark.slow

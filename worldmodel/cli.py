@@ -73,7 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default="eval", help="output folder")
     evaluate.add_argument("--i3d", default=None, help="I3D weights file for FVD (see worldmodel/eval/i3d.py)")
     evaluate.add_argument(
-        "--lpips", default=None, help="LPIPS-AlexNet weights file (see worldmodel/eval/lpips.py)"
+        "--lpips", default=None, help="LPIPS-AlexNet weights (see worldmodel/eval/lpips.py)"
+    )
+    evaluate.add_argument(
+        "--wandb", choices=("offline", "online"), default=None, help="also log results to wandb"
     )
 
     generate = commands.add_parser("generate", help="play the world model: continue a video under actions")
@@ -256,7 +259,15 @@ def _run(args: argparse.Namespace) -> None:
             args.context, args.horizon, args.steps, args.temperature, args.top_k, args.seed
         )
         reports = evaluate(
-            args.checkpoints, args.data, settings, args.clips, args.out, args.batch_size, args.i3d, args.lpips
+            args.checkpoints,
+            args.data,
+            settings,
+            args.clips,
+            args.out,
+            args.batch_size,
+            i3d_weights=args.i3d,
+            lpips_weights=args.lpips,
+            wandb_mode=args.wandb,
         )
         for report in reports:
             means = ", ".join(f"{name} {value:.3f}" for name, value in report["mean"].items())

@@ -97,6 +97,7 @@ def evaluate_checkpoint(
         raise EvalError(f"{data} has no validation clips")
     report = summarize({name: torch.cat(values) for name, values in per_clip.items()}, settings)
     report["checkpoint"] = str(path)
+    report["folder"] = str(out)
     report["fvd"] = video_distance(i3d, torch.cat(real_clips), torch.cat(generated_clips))
     if lpips is None:
         report["lpips"] = {"skipped": "no LPIPS weights given (--lpips FILE; see worldmodel/eval/lpips.py)"}
@@ -196,7 +197,9 @@ def evaluate(
     batch_size: int = 4,
     i3d_weights: str | None = None,
     lpips_weights: str | None = None,
+    wandb_mode: str | None = None,
 ):
+    """Evaluate each checkpoint; `wandb_mode` ("offline" or "online") also logs the results to wandb."""
     from worldmodel.eval.i3d import load_i3d
     from worldmodel.eval.lpips import load_lpips
 
@@ -217,4 +220,22 @@ def evaluate(
         )
     if len(reports) > 1:
         print(compare(reports, out / "comparison.md"))
+    if wandb_mode:
+        log_to_wandb(reports, out, wandb_mode)
     return reports
+
+
+def log_to_wandb(reports: list[dict], out: Path, mode: str) -> None:
+    import wandb
+
+    run = wandb.init(project="worldmodel", job_type="eval", dir=str(out), mode=mode, name=f"eval-{out.name}")
+    for report in reports:
+        folder = Path(report["folder"])
+        run.log(
+            {
+                **{f"{folder.name}/{name}": value for name, value in report["mean"].items()},
+                f"{folder.name}/metrics": wandb.Image(str(folder / "metrics.png")),
+                f"{folder.name}/rollouts": wandb.Video(str(folder / "rollouts.mp4"), format="mp4"),
+            }
+        )
+    run.finish()
