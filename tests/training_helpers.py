@@ -49,11 +49,12 @@ def _env() -> dict:
 
 
 def logged(run_dir: Path, key: str) -> dict[int, float]:
-    """{step: value} of one metric from a run's CSV log (the last value logged at each step)."""
-    path = Path(run_dir) / "logs" / "metrics.csv"
+    """{step: value} of one metric from a run's newest CSV log (the last value logged at each step)."""
+    versions = sorted((Path(run_dir) / "logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
     values: dict[int, float] = {}
-    if not path.exists():
+    if not versions or not (versions[-1] / "metrics.csv").exists():
         return values
+    path = versions[-1] / "metrics.csv"  # the newest run in this folder (a resume adds a version)
     with open(path) as handle:
         for row in csv.DictReader(handle):
             if row.get(key):

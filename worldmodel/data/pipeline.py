@@ -335,6 +335,10 @@ class ClipLoader:
         # Lightning stops after len() batches without exhausting the iterator: judge the epoch here.
         self._check_skips(final=self.stream.train and self._point.consumed == self.stream.batches_per_epoch)
 
+    def end_epoch(self) -> None:
+        """The training loop ended this epoch early: checkpoints now point at the next one."""
+        self._point.consumed = max(self._point.consumed, self.stream.batches_per_epoch)
+
     @property
     def epoch(self) -> int:
         return self._point.epoch

@@ -115,7 +115,8 @@ class Tokenizer(nn.Module):
     def encode_codes(self, video: torch.Tensor) -> torch.Tensor:
         """uint8 video (B, T, H, W, 3) -> quantized codes (B, T, h, w, C)."""
         batch = video.shape[0]
-        pixels = video.float() / 127.5 - 1.0
+        dtype = self.down[0].weight.dtype  # bf16 when a strategy converted the weights (DeepSpeed, bf16-true)
+        pixels = video.to(dtype) / 127.5 - 1.0
         frames = rearrange(pixels, "b t h w c -> (b t) c h w")  # convs see one frame at a time
         features = rearrange(self.down(frames), "(b t) d h w -> b t h w d", b=batch)  # (B, T, h, w, D)
         return self.quantizer(self.to_code(self.encoder(features)))
@@ -142,7 +143,7 @@ class Tokenizer(nn.Module):
         """Reconstruction loss of a uint8 batch, with diagnostics (codebook use, perplexity, PSNR)."""
         target = video.float() / 127.5 - 1.0
         codes = self.encode_codes(video)
-        reconstruction = self.decode_codes(codes)
+        reconstruction = self.decode_codes(codes).float()
         loss = F.mse_loss(reconstruction, target)
         with torch.no_grad():
             ids = self.quantizer.codes_to_ids(codes).flatten()

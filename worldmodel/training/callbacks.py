@@ -9,7 +9,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from worldmodel.data.video import encode_mp4
 
@@ -26,6 +28,12 @@ class DataPosition(L.Callback):
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         trainer.datamodule.train_loader.mark_consumed(batch)
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        # An epoch cut short by limit_train_batches is over: a resume starts the next one. One
+        # cut short by max_steps is not (a longer resumed run continues it).
+        if trainer.max_steps == -1 or trainer.global_step < trainer.max_steps:
+            trainer.datamodule.train_loader.end_epoch()
 
 
 def measure_cpu_peak_flops(size: int = 1024, repeats: int = 5) -> float:
@@ -64,6 +72,13 @@ class Throughput(L.Callback):
     def on_train_start(self, trainer, module) -> None:
         self.peak_flops = device_peak_flops(module, self.peak_tflops)
         module.print(f"MFU against a peak of {self.peak_flops / 1e12:.2f} TFLOP/s per device")
+
+    def restart(self) -> None:
+        """Forget the last step's end: validation or a preview ran since, which is not data wait."""
+        self._batch_end = None
+
+    def on_validation_end(self, trainer, module) -> None:
+        self.restart()
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         self._wait = 0.0 if self._batch_end is None else time.perf_counter() - self._batch_end
@@ -124,7 +139,8 @@ class EMA(L.Callback):
 
 
 class PreviewVideos(L.Callback):
-    """Every N steps, rank 0 writes an mp4 of the model at work and logs it to wandb if used."""
+    """Every N steps, an mp4 of the model at work (computed on every rank, written by rank 0),
+    also logged to wandb when it is the logger."""
 
     def __init__(self, every_n_steps: int, folder: str | os.PathLike, fps: float = 10.0):
         self.every_n_steps = every_n_steps
@@ -133,15 +149,20 @@ class PreviewVideos(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if not self.every_n_steps or step % self.every_n_steps or not trainer.is_global_zero:
+        if not self.every_n_steps or step % self.every_n_steps:
             return
         if getattr(self, "_last_step", None) == step:  # once per optimizer step under accumulation
             return
         self._last_step = step
         was_training = module.training
         module.eval()
-        video = module.preview(batch).cpu().numpy()  # (T, H, W, 3) uint8
+        video = module.preview(batch).cpu().numpy()  # (T, H, W, 3) uint8; every rank: ZeRO-3 needs them all
         module.train(was_training)
+        for callback in trainer.callbacks:  # this step's time is not a training measurement
+            if isinstance(callback, Throughput):
+                callback.restart()
+        if not trainer.is_global_zero:
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"preview_step{step:07d}.mp4"
         path.write_bytes(encode_mp4(video, self.fps))
@@ -153,12 +174,50 @@ class PreviewVideos(L.Callback):
 
 
 class Preemption(L.Callback):
-    """SIGUSR1 (what SLURM sends before the time limit) takes Lightning's SIGTERM path.
+    """SIGTERM or SIGUSR1: finish the current optimizer step on every rank, then stop with a checkpoint.
 
-    On SIGTERM Lightning finishes the current step on every rank and raises SIGTERMException;
-    the OnExceptionCheckpoint callback then writes a checkpoint and the entry point requeues
-    the job under SLURM. Routing SIGUSR1 there gives both signals one tested path.
+    Lightning's own SIGTERM handling stops after the current micro-batch, which under gradient
+    accumulation throws away a partly accumulated step; this holds the signal until the step
+    boundary, where the ranks agree (one all-reduce) and all raise SIGTERMException together, so
+    CheckpointOnException saves on all of them. Which signal came decides what happens next:
+    SIGUSR1 (what `sbatch --signal` sends before the time limit) requeues the job under SLURM,
+    SIGTERM (scancel, or the limit itself) does not.
     """
 
-    def on_fit_start(self, trainer, module) -> None:
-        signal.signal(signal.SIGUSR1, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
+    def __init__(self):
+        self.received: int | None = None
+        self._trainer = None
+        self._step_at_start = -1
+
+    def on_train_start(self, trainer, module) -> None:
+        # Installed after Lightning registered its SIGTERM handler, and replacing it.
+        self._trainer = trainer
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            return
+        self.received = signum
+        launcher = self._trainer.strategy.launcher if self._trainer else None
+        if launcher is not None:  # ranks that Lightning started itself hear it too
+            launcher.kill(signum)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self._step_at_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self._step_at_start:  # mid-accumulation: the step is not done
+            return
+        if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+            raise SIGTERMException()
+
+
+class CheckpointOnException(OnExceptionCheckpoint):
+    """Writes `on_exception.ckpt` when a run stops on an exception, where that is safe: a
+    preemption (every rank stops at the same step) or a single process. An error on one rank of
+    many would leave the others waiting in the save's barrier."""
+
+    def on_exception(self, trainer, module, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException) or trainer.world_size == 1:
+            super().on_exception(trainer, module, exception)

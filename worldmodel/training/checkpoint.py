@@ -35,6 +35,8 @@ def resolve_resume(resume: str | None, run_dir: str | os.PathLike) -> str | None
     if resume == "last":
         folder = Path(run_dir) / CHECKPOINT_DIR
         candidates = [folder / name for name in RESUME_NAMES if (folder / name).exists()]
+        if not (folder / "last.ckpt").exists() and (folder / "last.ckpt.previous").exists():
+            candidates.append(folder / "last.ckpt.previous")  # a crash between the folder swap's renames
         return str(max(candidates, key=lambda path: path.stat().st_mtime)) if candidates else None
     if not Path(resume).exists():
         raise CheckpointError(f"resume: {resume} does not exist (use resume=last or a checkpoint path)")

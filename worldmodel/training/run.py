@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -16,7 +17,14 @@ from omegaconf.errors import OmegaConfBaseException
 
 from worldmodel.config import ConfigError, TrainConfig, derive_batch
 from worldmodel.data.datamodule import VideoDataModule
-from worldmodel.training.callbacks import EMA, DataPosition, Preemption, PreviewVideos, Throughput
+from worldmodel.training.callbacks import (
+    EMA,
+    CheckpointOnException,
+    DataPosition,
+    Preemption,
+    PreviewVideos,
+    Throughput,
+)
 from worldmodel.training.checkpoint import CHECKPOINT_DIR, load_tokenizer, resolve_resume
 from worldmodel.training.modules import DynamicsModule, TokenizerModule, WorldModelModule
 from worldmodel.training.strategy import build_strategy
@@ -43,7 +51,7 @@ def build_module(config: TrainConfig, data: VideoDataModule) -> WorldModelModule
 def build_loggers(config: TrainConfig) -> list:
     run_dir = Path(config.run_dir)
     if config.logger.kind == "csv":
-        return [CSVLogger(run_dir, name="logs", version="")]
+        return [CSVLogger(run_dir, name="logs")]  # logs/version_N: a resumed run adds a version
     os.environ.setdefault("WANDB_SILENT", "true")
     return [
         WandbLogger(
@@ -66,7 +74,7 @@ def build_trainer(config: TrainConfig) -> L.Trainer:
         DataPosition(),
         Throughput(trainer_config.peak_tflops),
         Preemption(),
-        OnExceptionCheckpoint(checkpoints, filename="on_exception"),
+        CheckpointOnException(checkpoints, filename="on_exception"),
         PreviewVideos(trainer_config.video_every_n_steps, run_dir / "media"),
     ]
     if config.optim.ema_decay is not None:
@@ -117,17 +125,26 @@ def run(config: TrainConfig) -> L.Trainer:
     module = build_module(config, data)
     trainer = build_trainer(config)
     ckpt_path = resolve_resume(config.resume, config.run_dir)
+    checkpoints = Path(config.run_dir) / CHECKPOINT_DIR
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     except SIGTERMException:
         if trainer.is_global_zero:
-            checkpoints = Path(config.run_dir) / CHECKPOINT_DIR
             print(f"preempted at step {trainer.global_step}; checkpoint in {checkpoints}")
-        requeue_if_slurm(trainer)
+        preemption = next(c for c in trainer.callbacks if isinstance(c, Preemption))
+        if preemption.received == signal.SIGUSR1:  # the time limit is near; SIGTERM means cancelled
+            requeue_if_slurm(trainer)
         return trainer
+    if not config.trainer.fast_dev_run and not _saved_at(trainer, trainer.global_step):
+        trainer.save_checkpoint(checkpoints / "last.ckpt")  # the final steps are never lost
     if trainer.is_global_zero:
-        print(f"done: {trainer.global_step} steps; checkpoints in {Path(config.run_dir) / CHECKPOINT_DIR}")
+        print(f"done: {trainer.global_step} steps; checkpoints in {checkpoints}")
     return trainer
+
+
+def _saved_at(trainer: L.Trainer, step: int) -> bool:
+    every = [c._every_n_train_steps for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    return any(n and step % n == 0 for n in every)
 
 
 def requeue_if_slurm(trainer: L.Trainer) -> None:
