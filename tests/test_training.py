@@ -102,7 +102,6 @@ def test_misconfigured_runs_fail_at_startup_naming_the_problem(tmp_path, sample_
     base = (f"run_dir={tmp_path}", f"data.root={sample_dir}")
     cases = {
         ("+trainer.bogus=1",): "trainer.bogus",
-        ("data.frames=abc",): "data.frames",
         ("trainer.devices=3",): "does not divide over 3 devices",
         (
             "task=dynamics",
@@ -117,6 +116,10 @@ def test_misconfigured_runs_fail_at_startup_naming_the_problem(tmp_path, sample_
     for overrides, expected in cases.items():
         with pytest.raises(ConfigError, match=expected.replace(".", r"\.")):
             to_train_config(composed(*base, *overrides))
+    # Types are checked while Hydra composes, against the same schema.
+    with pytest.raises(Exception, match="data.frames") as error:
+        composed(*base, "data.frames=abc")
+    assert "could not be converted to Integer" in str(error.value.__cause__)
 
 
 def test_the_command_line_reports_a_bad_config_before_training(tmp_path, sample_dir):
@@ -370,3 +373,45 @@ def test_a_hydra_sweep_trains_one_run_per_model_size(tmp_path, sample_dir):
     for name in runs:
         checkpoint = read_checkpoint(tmp_path / name / "checkpoints" / "last.ckpt")
         assert checkpoint["hyper_parameters"]["config"]["model"]["preset"] == name[2:]
+
+
+@pytest.mark.slow
+def test_a_preemption_mid_accumulation_resumes_exactly(tmp_path, sample_dir):
+    accumulate = (
+        "data.micro_batch_size=2",
+        "trainer.max_steps=6",
+        "optim.schedule_steps=6",
+        "trainer.checkpoint_every_n_steps=0",
+    )
+    full = train(tmp_path / "full", *accumulate, sample_dir=sample_dir)
+    assert full.returncode == 0, full.stderr[-2000:]
+    process = start_training(tmp_path / "cut", *accumulate, sample_dir=sample_dir)
+    deadline = time.time() + 120
+    while time.time() < deadline and max(logged(tmp_path / "cut", "train/loss"), default=-1) < 1:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0 and "preempted at step" in output, output[-2000:]
+    stopped_at = int(output.split("preempted at step ")[1].split(";")[0])
+    resumed = train(tmp_path / "cut", *accumulate, "resume=last", sample_dir=sample_dir)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    expected, after = logged(tmp_path / "full", "train/loss"), logged(tmp_path / "cut", "train/loss")
+    assert sorted(after) == list(range(stopped_at, 6))
+    assert [after[step] for step in after] == [expected[step] for step in after]
+
+
+@pytest.mark.slow
+def test_deepspeed_in_bf16_trains_both_stages(tmp_path, sample_dir, tokenizer_checkpoint):
+    bf16 = ("strategy=deepspeed_zero2", "trainer.precision=bf16-mixed", "trainer.max_steps=2")
+    tokenizer = train(tmp_path / "tokenizer", *bf16, sample_dir=sample_dir)
+    assert tokenizer.returncode == 0, tokenizer.stderr[-3000:]
+    dynamics = train(
+        tmp_path / "dynamics",
+        *bf16,
+        "task=dynamics",
+        "model=dynamics_debug",
+        f"task.tokenizer_checkpoint={tokenizer_checkpoint}",
+        sample_dir=sample_dir,
+    )
+    assert dynamics.returncode == 0, dynamics.stderr[-3000:]
+    assert len(logged(tmp_path / "dynamics", "train/loss")) == 2

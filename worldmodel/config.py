@@ -292,3 +292,14 @@ class TrainConfig:
             "optim.ema_decay",
             "EMA needs whole weights on every rank: use ddp or deepspeed zero_stage 1/2",
         )
+
+
+def register_schema() -> None:
+    """Make TrainConfig the base of Hydra's composition (`- train_schema` in configs/train.yaml):
+    every field can be overridden without `+`, and a wrong type fails while composing."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+register_schema()

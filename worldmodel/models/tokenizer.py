@@ -124,7 +124,7 @@ class Tokenizer(nn.Module):
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes (B, T, h, w, C) -> pixels in [-1, 1] (B, T, H, W, 3)."""
         batch = codes.shape[0]
-        features = self.decoder(self.from_code(codes))  # (B, T, h, w, D)
+        features = self.decoder(self.from_code(codes.to(self.from_code.weight.dtype)))  # (B, T, h, w, D)
         frames = self.up(rearrange(features, "b t h w d -> (b t) d h w"))  # (B*T, 3, H, W)
         return rearrange(frames, "(b t) c h w -> b t h w c", b=batch)
 

@@ -33,8 +33,9 @@ from worldmodel.training.strategy import build_strategy
 def to_train_config(composed: DictConfig) -> TrainConfig:
     """Hydra's composed config -> checked dataclasses; any problem names the field."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), composed)
-        return OmegaConf.to_object(merged)
+        # Through a plain container, so keys added with `+` are checked against the schema too.
+        plain = OmegaConf.to_container(composed, resolve=True)
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), plain))
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None) or "config"
         message = str(error).splitlines()[0]
