@@ -11,17 +11,18 @@ from omegaconf import DictConfig
 
 from worldmodel.config import ConfigError
 from worldmodel.training.checkpoint import CheckpointError
-from worldmodel.training.run import run, to_train_config
+from worldmodel.training.run import fit, prepare, to_train_config
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(composed: DictConfig) -> None:
     try:
         config = to_train_config(composed)
-    except (ConfigError, CheckpointError) as error:
+        prepared = prepare(config)
+    except (ConfigError, CheckpointError, FileNotFoundError) as error:  # bad input: say what, no traceback
         print(f"config error: {error}", file=sys.stderr)
         sys.exit(2)
-    run(config)
+    fit(config, *prepared)
 
 
 if __name__ == "__main__":

@@ -129,6 +129,8 @@ def test_the_command_line_reports_a_bad_config_before_training(tmp_path, sample_
     assert result.returncode == 2
     assert "data.global_batch_size: 6 does not divide over 4 devices" in result.stderr
     assert not (tmp_path / "checkpoints").exists()
+    missing = train(tmp_path, "resume=/no/such/last.ckpt", sample_dir=tmp_path / "no_data", timeout=120)
+    assert missing.returncode == 2 and "dataset.json not found" in missing.stderr
 
 
 def test_an_interrupted_checkpoint_write_leaves_the_previous_one_usable(tmp_path, sample_dir):

@@ -119,13 +119,21 @@ def build_trainer(config: TrainConfig) -> L.Trainer:
     )
 
 
-def run(config: TrainConfig) -> L.Trainer:
-    """Train as configured; on a preemption signal, checkpoint and (under SLURM) requeue."""
+def prepare(config: TrainConfig) -> tuple[VideoDataModule, WorldModelModule, L.Trainer, str | None]:
+    """Everything that can fail on bad input before training starts: data index, tokenizer and
+    resume checkpoints, the trainer."""
     L.seed_everything(config.seed, workers=True)
     data = VideoDataModule(config.data, consume_on_yield=False)
     module = build_module(config, data)
-    trainer = build_trainer(config)
-    ckpt_path = resolve_resume(config.resume, config.run_dir)
+    return data, module, build_trainer(config), resolve_resume(config.resume, config.run_dir)
+
+
+def run(config: TrainConfig) -> L.Trainer:
+    """Train as configured; on a preemption signal, checkpoint and (under SLURM) requeue."""
+    return fit(config, *prepare(config))
+
+
+def fit(config: TrainConfig, data, module, trainer: L.Trainer, ckpt_path: str | None) -> L.Trainer:
     checkpoints = Path(config.run_dir) / CHECKPOINT_DIR
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
