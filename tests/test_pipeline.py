@@ -233,3 +233,11 @@ def test_skip_counts_survive_a_resume_exactly(tmp_path, workers):
     resumed.load_state_dict(first.state_dict())
     assert before + take(resumed, epochs=1) == expected
     assert resumed.skip_counts() == uninterrupted.skip_counts() and uninterrupted.skip_counts()["tar"] > 0
+
+
+def test_repeat_epoch_replays_the_same_batches_for_overfitting(sample_dir):
+    stream = ClipStream(
+        shard_paths(sample_dir, "train"), SPEC, 2, train=True, shuffle_buffer=8, batches_per_epoch=2
+    )
+    loader = ClipLoader(stream, repeat_epoch=True)
+    assert take(loader, 1) == take(loader, 1)

@@ -24,12 +24,14 @@ class VideoDataModule(L.LightningDataModule):
         rank: int | None = None,
         world_size: int | None = None,
         consume_on_yield: bool = True,
+        repeat_epoch: bool = False,
     ):
         """`consume_on_yield=False` when a training loop prefetches: it then calls
         `train_loader.mark_consumed(batch)` for each batch it trains on (callbacks.DataPosition)."""
         super().__init__()
         self.config = config
         self.consume_on_yield = consume_on_yield
+        self.repeat_epoch = repeat_epoch  # the same batches every epoch: for overfitting on purpose
         self._rank, self._world_size = rank, world_size
         # Shard URLs, when given, replace the prepared folder (and its dataset.json) entirely.
         self.index = read_index(config.root) if config.root and not config.train_shards else None
@@ -111,7 +113,11 @@ class VideoDataModule(L.LightningDataModule):
     def train_dataloader(self) -> ClipLoader:
         cfg = self.config
         self.train_loader = ClipLoader(
-            self._stream("train"), cfg.num_workers, cfg.max_skip_fraction, auto_consume=self.consume_on_yield
+            self._stream("train"),
+            cfg.num_workers,
+            cfg.max_skip_fraction,
+            auto_consume=self.consume_on_yield,
+            repeat_epoch=self.repeat_epoch,
         )
         return self.train_loader
 

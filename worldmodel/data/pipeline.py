@@ -284,7 +284,8 @@ class ClipLoader:
 
     `state_dict()` describes the batches consumed so far. By default a batch counts as consumed
     when it is handed out; a training loop that prefetches can pass `auto_consume=False` and
-    call `mark_consumed(batch)` after each step instead.
+    call `mark_consumed(batch)` after each step instead. `repeat_epoch=True` replays epoch 0
+    every time (overfitting a few batches on purpose).
     """
 
     def __init__(
@@ -294,12 +295,14 @@ class ClipLoader:
         max_skip_fraction: float = 0.01,
         min_samples_for_check: int = 200,
         auto_consume: bool = True,
+        repeat_epoch: bool = False,
     ):
         self.stream = stream
         self.num_workers = num_workers
         self.max_skip_fraction = max_skip_fraction
         self.min_samples_for_check = min_samples_for_check
         self.auto_consume = auto_consume
+        self.repeat_epoch = repeat_epoch
         self._point = ResumePoint()
         self._epoch_started = False
 
@@ -310,7 +313,7 @@ class ClipLoader:
 
     def __iter__(self) -> Iterator[dict]:
         if self._epoch_started and self.stream.train:
-            self._point = ResumePoint(epoch=self._point.epoch + 1)
+            self._point = ResumePoint(epoch=0 if self.repeat_epoch else self._point.epoch + 1)
         self._epoch_started = True
         if not self.stream.train:
             self._point = ResumePoint()

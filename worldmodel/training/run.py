@@ -123,7 +123,8 @@ def prepare(config: TrainConfig) -> tuple[VideoDataModule, WorldModelModule, L.T
     """Everything that can fail on bad input before training starts: data index, tokenizer and
     resume checkpoints, the trainer."""
     L.seed_everything(config.seed, workers=True)
-    data = VideoDataModule(config.data, consume_on_yield=False)
+    overfitting = config.trainer.overfit_batches > 0  # debug=overfit: the same batches every step
+    data = VideoDataModule(config.data, consume_on_yield=False, repeat_epoch=overfitting)
     module = build_module(config, data)
     return data, module, build_trainer(config), resolve_resume(config.resume, config.run_dir)
 
