@@ -18,7 +18,6 @@ clips, each resized to 224x224 and scaled to [-1, 1].
 from __future__ import annotations
 
 import os
-import pickle
 
 import numpy as np
 import torch
@@ -27,6 +26,7 @@ from einops import rearrange
 from torch import nn
 
 from worldmodel.eval.metrics import frechet_distance, gaussian_statistics
+from worldmodel.eval.weights import load_weights
 
 
 def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -121,21 +121,7 @@ class InceptionI3d(nn.Module):
 
 
 def load_i3d(path: str | os.PathLike) -> InceptionI3d:
-    network = InceptionI3d()
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError) as error:
-        raise ValueError(f"{path}: cannot read I3D weights ({error})") from error
-    try:
-        missing, unexpected = network.load_state_dict(state, strict=False)
-    except RuntimeError as error:  # shapes that do not fit
-        missing, unexpected = [str(error).splitlines()[-1].strip()], []
-    if missing or unexpected:
-        raise ValueError(
-            f"{path}: not I3D weights in the expected layout; "
-            f"missing {missing[:3]}..., unexpected {unexpected[:3]}..."
-        )
-    return network.eval()
+    return load_weights(InceptionI3d(), path, "I3D")
 
 
 @torch.no_grad()

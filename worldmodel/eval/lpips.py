@@ -16,12 +16,13 @@ then `worldmodel eval ... --lpips lpips_alex.pt`. Without it LPIPS is skipped an
 from __future__ import annotations
 
 import os
-import pickle
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from worldmodel.eval.weights import load_weights
 
 TAPS = (1, 4, 7, 9, 11)  # indices of the ReLUs in AlexNet's `features` whose outputs are compared
 CHANNELS = (64, 192, 384, 256, 256)
@@ -69,22 +70,12 @@ class LPIPS(nn.Module):
 
 
 def load_lpips(path: str | os.PathLike) -> LPIPS:
-    network = LPIPS()
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError) as error:
-        raise ValueError(f"{path}: cannot read LPIPS weights ({error})") from error
-    state = {key: value.view(1, -1, 1, 1) if key.startswith("lin") else value for key, value in state.items()}
-    try:
-        missing, unexpected = network.load_state_dict(state, strict=False)
-    except RuntimeError as error:  # shapes that do not fit
-        missing, unexpected = [str(error).splitlines()[-1].strip()], []
-    if missing or unexpected:
-        raise ValueError(
-            f"{path}: not LPIPS-AlexNet weights in the expected layout (see worldmodel/eval/lpips.py); "
-            f"missing {missing[:3]}..., unexpected {unexpected[:3]}..."
-        )
-    return network.eval()
+    def lin_layers_as_1x1(state: dict) -> dict:  # the file holds them flat, per channel
+        return {
+            key: value.view(1, -1, 1, 1) if key.startswith("lin") else value for key, value in state.items()
+        }
+
+    return load_weights(LPIPS(), path, "LPIPS-AlexNet", lin_layers_as_1x1)  # layout: the module docstring
 
 
 def resize_for_lpips(frames: torch.Tensor, size: int = 64) -> torch.Tensor:
