@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from worldmodel.eval.metrics import frechet_distance, gaussian_statistics, psnr, ssim
+from worldmodel.eval.metrics import PSNR_CAP, frechet_distance, gaussian_statistics, psnr, ssim
 
 
 def test_psnr_of_a_known_error_per_frame():
@@ -13,6 +13,11 @@ def test_psnr_of_a_known_error_per_frame():
     values = psnr(prediction, target)
     assert values.shape == (2, 3)
     torch.testing.assert_close(values, torch.full((2, 3), 10 * math.log10(255**2 / 100), dtype=torch.float64))
+
+
+def test_psnr_of_identical_frames_is_capped_not_infinite():
+    frames = torch.randint(0, 256, (3, 8, 8, 3), dtype=torch.uint8)
+    assert torch.equal(psnr(frames, frames), torch.full((3,), PSNR_CAP, dtype=torch.float64))
 
 
 def test_ssim_of_uniform_images_matches_its_closed_form():

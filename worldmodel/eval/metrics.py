@@ -19,12 +19,16 @@ def _as_images(frames: torch.Tensor) -> torch.Tensor:
     return rearrange(frames.double(), "... h w c -> (...) c h w")  # one image per frame
 
 
+PSNR_CAP = 60.0  # dB: identical frames (a static game screen copied) would be infinite
+
+
 def psnr(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB of each frame: uint8 (..., H, W, 3) -> (...)."""
+    """PSNR in dB of each frame: uint8 (..., H, W, 3) -> (...), capped at PSNR_CAP so that one
+    exact frame cannot make an average infinite."""
     values = peak_signal_noise_ratio(
         _as_images(prediction), _as_images(target), data_range=255.0, reduction="none", dim=(1, 2, 3)
     )
-    return values.reshape(prediction.shape[:-3])
+    return values.clamp(max=PSNR_CAP).reshape(prediction.shape[:-3])
 
 
 def ssim(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
