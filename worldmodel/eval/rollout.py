@@ -19,7 +19,7 @@ from worldmodel.eval.metrics import psnr, ssim
 from worldmodel.models.dynamics import Dynamics
 from worldmodel.models.presets import preset
 from worldmodel.models.tokenizer import Tokenizer, TokenizerConfig
-from worldmodel.training.checkpoint import CheckpointError, checkpoint_config, net_state_dict, read_checkpoint
+from worldmodel.training.checkpoint import CheckpointError, net_state_dict, read_stage_checkpoint
 
 
 @dataclass
@@ -36,13 +36,7 @@ class WorldModel:
 
 def load_world_model(path: str | os.PathLike) -> WorldModel:
     """A dynamics checkpoint (file, DeepSpeed folder or export) with the tokenizer it embeds."""
-    checkpoint = read_checkpoint(path)
-    config = checkpoint_config(checkpoint, path)
-    if config["task"]["stage"] != "dynamics":
-        raise CheckpointError(
-            f"{path}: a {config['task']['stage']} checkpoint; this needs a dynamics checkpoint "
-            "(evaluate a tokenizer alone with --tokenizer-only)"
-        )
+    checkpoint, config = read_stage_checkpoint(path, "dynamics")
     if "tokenizer" not in checkpoint:
         raise CheckpointError(f"{path}: dynamics checkpoint without its tokenizer entry")
     tokenizer = Tokenizer(TokenizerConfig(**checkpoint["tokenizer"]["config"]))
@@ -68,10 +62,9 @@ class RolloutSettings:
 
 @torch.no_grad()
 def rollout(
-    model: WorldModel, video: torch.Tensor, actions: torch.Tensor, settings: RolloutSettings, generator
+    model: WorldModel, tokens: torch.Tensor, actions: torch.Tensor, settings: RolloutSettings, generator
 ):
-    """Decoded frames (B, horizon, H, W, 3) after `context` real frames, under `actions`."""
-    tokens = model.tokenizer.encode(video[:, : settings.context])  # (B, context, h, w)
+    """Decoded frames (B, horizon, H, W, 3) after context tokens (B, context, h, w), under `actions`."""
     generated = model.dynamics.generate(
         tokens,
         actions,
@@ -95,9 +88,12 @@ def score_batch(
     video, actions = batch["video"][:, :span], batch["actions"][:, :span]
     truth = video[:, settings.context :]  # (B, horizon, H, W, 3)
     generator = torch.Generator().manual_seed(settings.seed)
-    predicted = rollout(model, video, actions, settings, generator)
+    # Tokenized once: the tokenizer is causal, so the context's tokens are the clip's first ones.
+    tokens = model.tokenizer.encode(video)  # (B, context + horizon, h, w)
+    context = tokens[:, : settings.context]
+    predicted = rollout(model, context, actions, settings, generator)
     copy_last = video[:, settings.context - 1 : settings.context].expand_as(truth)
-    reconstruction = model.tokenizer.decode(model.tokenizer.encode(video))[:, settings.context :]
+    reconstruction = model.tokenizer.decode(tokens)[:, settings.context :]
     scores = {
         "model_psnr": psnr(predicted, truth),
         "model_ssim": ssim(predicted, truth),
@@ -117,7 +113,7 @@ def score_batch(
     if model.num_actions > 0 and bool((actions != NULL_ACTION).all()):
         random_actions = torch.randint(0, model.num_actions, actions.shape, generator=generator)
         randomized = rollout(
-            model, video, random_actions, settings, torch.Generator().manual_seed(settings.seed)
+            model, context, random_actions, settings, torch.Generator().manual_seed(settings.seed)
         )
         scores["random_action_psnr"] = psnr(randomized, truth)
         scores["delta_t_psnr"] = scores["model_psnr"] - scores["random_action_psnr"]
@@ -147,5 +143,6 @@ def generate_from_video(
     # Actions of the context frames before the last are unknown: the null action.
     sequence = torch.tensor([[NULL_ACTION] * (context - 1) + list(actions)])
     run = RolloutSettings(context, len(actions), settings.maskgit_steps, settings.temperature, settings.top_k)
-    generated = rollout(model, video, sequence, run, torch.Generator().manual_seed(settings.seed))
+    tokens = model.tokenizer.encode(video)
+    generated = rollout(model, tokens, sequence, run, torch.Generator().manual_seed(settings.seed))
     return torch.cat([video, generated], dim=1)[0]

@@ -88,14 +88,20 @@ def net_state_dict(checkpoint: dict) -> dict:
     }
 
 
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """A trained tokenizer from a tokenizer checkpoint (file, DeepSpeed folder or export)."""
+def read_stage_checkpoint(path: str | os.PathLike, stage: str) -> tuple[dict, dict]:
+    """(checkpoint, its training config) of a checkpoint that must be of `stage`."""
     checkpoint = read_checkpoint(path)
     config = checkpoint_config(checkpoint, path)
-    if config["task"]["stage"] != "tokenizer":
+    if config["task"]["stage"] != stage:
         raise CheckpointError(
-            f"{path}: a {config['task']['stage']} checkpoint, expected a tokenizer checkpoint"
+            f"{path}: a {config['task']['stage']} checkpoint; this needs a {stage} checkpoint"
         )
+    return checkpoint, config
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """A trained tokenizer from a tokenizer checkpoint (file, DeepSpeed folder or export)."""
+    checkpoint, config = read_stage_checkpoint(path, "tokenizer")
     from worldmodel.models.presets import preset
 
     tokenizer_config: TokenizerConfig = preset(config["model"]["preset"])
