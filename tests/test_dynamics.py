@@ -67,6 +67,24 @@ def test_generation_returns_valid_ids_of_the_requested_shape_deterministic_under
     assert torch.equal(first, again) and not torch.equal(first, other)
 
 
+def test_greedy_generation_ignores_the_seed_and_a_window_drops_older_frames():
+    torch.manual_seed(0)
+    model = Dynamics(DEBUG).eval()
+    torch.nn.init.normal_(model.head.weight, std=2.0)  # an untrained head favours one token everywhere
+    tokens, actions = tokens_and_actions(frames=8)
+
+    def greedy(context, acts, seed=0, window=None):
+        generator = torch.Generator().manual_seed(seed)
+        return model.generate(context, acts, 3, steps=2, temperature=0, generator=generator, window=window)
+
+    assert torch.equal(greedy(tokens[:, :4], actions), greedy(tokens[:, :4], actions, seed=1))
+    # A window of 3 frames sees 2 past frames: the first new frame equals a rollout from the last 2 alone
+    # (positions are relative), and the rollout goes on past the window.
+    windowed = greedy(tokens[:, :4], actions, window=3)
+    cropped = greedy(tokens[:, 2:4], actions[:, 2:], window=3)
+    assert torch.equal(windowed, cropped) and not torch.equal(windowed, greedy(tokens[:, :4], actions))
+
+
 def test_overfitting_one_batch_cuts_the_loss_by_ninety_percent():
     torch.manual_seed(0)
     model = Dynamics(DEBUG)

@@ -51,6 +51,20 @@ def atari_world_model(tmp_path_factory, atari_dir) -> tuple[Path, Path]:
     return tokenizer, dynamics
 
 
+def test_held_out_clips_are_spread_over_the_whole_val_split(atari_dir):
+    from worldmodel.data.pipeline import ClipSpec, ClipStream
+    from worldmodel.data.shards import read_index, shard_paths
+    from worldmodel.eval.report import held_out_batches
+
+    index = read_index(atari_dir)
+    stream = ClipStream(shard_paths(atari_dir, "val"), ClipSpec(8), 1, train=False)
+    every = [key for batch in stream for key in batch["key"]]
+    assert len(every) >= 4
+    batches = list(held_out_batches(atari_dir, index, frames=8, clips=2, batch_size=2))
+    assert [len(b["key"]) for b in batches] == [2] and batches[0]["video"].shape[:2] == (2, 8)
+    assert batches[0]["key"] == every[:: len(every) // 2][:2]  # first and middle, not the first two
+
+
 @pytest.mark.slow
 def test_eval_end_to_end_writes_every_output(atari_world_model, atari_dir, tmp_path):
     import torch

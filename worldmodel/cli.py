@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--horizon", type=int, default=12, help="frames generated and scored")
     evaluate.add_argument("--clips", type=int, default=64, help="held-out clips to score")
     evaluate.add_argument("--steps", type=int, default=8, help="MaskGIT iterations per frame")
-    evaluate.add_argument("--temperature", type=float, default=1.0)
+    evaluate.add_argument(
+        "--temperature", type=float, default=0.0, help="0 (default): greedy, the most likely rollout"
+    )
     evaluate.add_argument("--top-k", type=int, default=None)
     evaluate.add_argument("--batch-size", type=int, default=4)
     evaluate.add_argument("--seed", type=int, default=0)
@@ -88,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--actions", required=True, help="comma-separated action ids, one per new frame")
     generate.add_argument("--frames", type=int, default=None, help="new frames (default: one per action)")
     generate.add_argument("--steps", type=int, default=8, help="MaskGIT iterations per frame")
-    generate.add_argument("--temperature", type=float, default=1.0)
+    generate.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
     generate.add_argument("--top-k", type=int, default=None)
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--out", default="rollout.mp4")

@@ -8,6 +8,7 @@ With several checkpoints, `out/comparison.md` puts them side by side.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -52,15 +53,18 @@ def check_compatible(model: WorldModel, index: dict, settings: RolloutSettings, 
         )
 
 
-def held_out_batches(data: Path, frames: int, clips: int, batch_size: int):
-    stream = ClipStream(shard_paths(data, "val"), ClipSpec(frames), batch_size, train=False)
-    taken = 0
-    for batch in stream:
-        if taken >= clips:
-            return
-        keep = min(len(batch["key"]), clips - taken)
-        taken += keep
-        yield {name: value[:keep] for name, value in batch.items() if name != "stream"}
+def held_out_batches(data: Path, index: dict, frames: int, clips: int, batch_size: int):
+    """Batches of `clips` held-out clips spread evenly over the val split (every k-th clip), so a
+    split written game by game or video by video is scored across all of them."""
+    stride = max(1, index["splits"]["val"]["clips"] // clips)
+    stream = ClipStream(shard_paths(data, "val"), ClipSpec(frames), batch_size=1, train=False)
+    chosen = itertools.islice(itertools.islice(stream, 0, None, stride), clips)
+    while group := list(itertools.islice(chosen, batch_size)):
+        yield {
+            "video": torch.cat([sample["video"] for sample in group]),  # (b, T, H, W, 3)
+            "actions": torch.cat([sample["actions"] for sample in group]),  # (b, T)
+            "key": [key for sample in group for key in sample["key"]],
+        }
 
 
 def evaluate_checkpoint(
@@ -81,7 +85,7 @@ def evaluate_checkpoint(
     frames_for_video = []
     real_clips, generated_clips = [], []  # whole clips (context + horizon), for FVD
     progress = tqdm(total=clips, unit="clip", desc=f"eval {Path(path).name}")
-    for batch in held_out_batches(data, settings.context + settings.horizon, clips, batch_size):
+    for batch in held_out_batches(data, index, settings.context + settings.horizon, clips, batch_size):
         scores, predicted = score_batch(model, batch, settings, lpips)
         for name, values in scores.items():
             per_clip.setdefault(name, []).append(values)

@@ -33,6 +33,11 @@ class WorldModel:
     def num_actions(self) -> int:
         return self.dynamics.config.num_actions
 
+    @property
+    def window(self) -> int:
+        """Frames the dynamics model attends to at once: the clip length it was trained on."""
+        return int(self.config["data"]["frames"])
+
 
 def load_world_model(path: str | os.PathLike) -> WorldModel:
     """A dynamics checkpoint (file, DeepSpeed folder or export) with the tokenizer it embeds."""
@@ -73,6 +78,7 @@ def rollout(
         temperature=settings.temperature,
         top_k=settings.top_k,
         generator=generator,
+        window=model.window,
     )
     decoded = model.tokenizer.decode(torch.cat([tokens, generated], dim=1))
     return decoded[:, settings.context :]

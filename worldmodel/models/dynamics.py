@@ -97,11 +97,14 @@ class Dynamics(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        window: int | None = None,
     ) -> torch.Tensor:
         """Roll out `frames` new frames after context tokens (B, Tc, h, w) under actions.
 
         `actions` (B, >= Tc + frames - 1): action t is taken after frame t. Returns the new
-        token ids (B, frames, h, w).
+        token ids (B, frames, h, w). `window`: the most frames the model attends to at once
+        (its training clip length); older frames drop out, so rollouts can run longer than the
+        clips it was trained on. `temperature` 0 decodes greedily (the most likely token).
         """
         batch, context_frames, height, width = context.shape
         total = context_frames + frames
@@ -113,10 +116,14 @@ class Dynamics(nn.Module):
         actions = torch.cat([actions[:, : total - 1], null], dim=1)[
             :, :total
         ]  # the last frame has no action yet
+        if window is not None and window < 2:
+            raise ValueError(f"window must hold at least one past frame and the new one, got {window}")
         sequence = context
         for _ in range(frames):
+            length = sequence.shape[1]
+            start = 0 if window is None else max(0, length + 1 - window)
             frame = self._decode_frame(
-                sequence, actions[:, : sequence.shape[1] + 1], steps, temperature, top_k, generator
+                sequence[:, start:], actions[:, start : length + 1], steps, temperature, top_k, generator
             )
             sequence = torch.cat([sequence, frame], dim=1)
         return sequence[:, context_frames:]
@@ -129,14 +136,19 @@ class Dynamics(nn.Module):
         fixed = torch.zeros(batch, positions, dtype=torch.bool, device=past.device)
         for step in range(steps):
             logits = self(torch.cat([past, frame], dim=1), actions)[:, -1].flatten(1, 2)  # (B, h*w, V)
-            logits = logits.float() / max(temperature, 1e-6)
-            if top_k is not None:
-                kth = logits.topk(top_k, dim=-1).values[..., -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probabilities = logits.softmax(-1)
-            sampled = torch.multinomial(probabilities.flatten(0, 1), 1, generator=generator).view(
-                batch, positions
-            )
+            logits = logits.float()
+            if temperature == 0:
+                probabilities = logits.softmax(-1)
+                sampled = probabilities.argmax(-1)  # (B, h*w)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = logits.topk(top_k, dim=-1).values[..., -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probabilities = logits.softmax(-1)
+                sampled = torch.multinomial(probabilities.flatten(0, 1), 1, generator=generator).view(
+                    batch, positions
+                )
             confidence = probabilities.gather(-1, sampled[..., None]).squeeze(-1)
             current = frame.flatten(1)  # (B, h*w)
             candidates = torch.where(fixed, current, sampled)

@@ -29,6 +29,7 @@ TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
 # they dominate the small models).
 DYNAMICS_PRESETS: dict[str, DynamicsConfig] = {
     "dynamics_debug": DynamicsConfig(vocab_size=1000, dim=32, depth=2, heads=2),  # 0.1M (tokenizer_debug)
+    "dynamics_xs": DynamicsConfig(dim=128, depth=4, heads=4),  # 17M; 1.3M on tokenizer_debug's 1000 codes
     "dynamics_s": DynamicsConfig(dim=512, depth=8, heads=8),  # 99M
     "dynamics_m": DynamicsConfig(dim=768, depth=12, heads=12),  # 212M
     "dynamics_l": DynamicsConfig(dim=1024, depth=20, heads=16),  # 467M
