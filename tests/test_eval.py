@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 
 from tests.training_helpers import ROOT
 from worldmodel.eval.report import EvalError, evaluate
-from worldmodel.eval.rollout import RolloutSettings
+from worldmodel.eval.rollout import RolloutSettings, load_world_model
 from worldmodel.training.checkpoint import CheckpointError
 from worldmodel.training.run import run, to_train_config
 
@@ -72,13 +72,21 @@ def test_eval_end_to_end_writes_every_output(atari_world_model, atari_dir, tmp_p
     from worldmodel.eval.i3d import InceptionI3d
     from worldmodel.eval.lpips import LPIPS
 
-    _, dynamics = atari_world_model
+    tokenizer, dynamics = atari_world_model
     # Weight files in the layouts users supply (random values: the pipeline is under test here).
     torch.save(InceptionI3d().state_dict(), tmp_path / "i3d.pt")
     lpips_state = {k: v for k, v in LPIPS().state_dict().items() if k.startswith("features.")}
     lpips_state |= {f"lin{i}": torch.rand(c) for i, c in enumerate((64, 192, 384, 256, 256))}
     torch.save(lpips_state, tmp_path / "lpips.pt")
-    command = [str(WORLDMODEL), "eval", str(dynamics), str(dynamics), "--data", str(atari_dir)]
+    command = [
+        str(WORLDMODEL),
+        "eval",
+        str(dynamics),
+        str(dynamics),
+        str(tokenizer),
+        "--data",
+        str(atari_dir),
+    ]
     command += ["--context", "2", "--horizon", "4", "--clips", "3", "--steps", "2", "--out", str(tmp_path)]
     command += [
         "--i3d",
@@ -109,7 +117,15 @@ def test_eval_end_to_end_writes_every_output(atari_world_model, atari_dir, tmp_p
         assert report["fvd"] == {"skipped": "clips of 6 frames; I3D needs at least 9"}
         assert (tmp_path / run_dir / "metrics.png").stat().st_size > 10_000
         assert (tmp_path / run_dir / "rollouts.mp4").stat().st_size > 1_000
-    assert "model_psnr" in (tmp_path / "comparison.md").read_text()
+    reconstruction = json.loads((tmp_path / "2_tokenizer" / "metrics.json").read_text())
+    assert reconstruction["stage"] == "tokenizer" and reconstruction["clips"] == 3
+    assert (
+        len(reconstruction["per_frame"]["tokenizer_psnr"]) == 6
+        and reconstruction["mean"]["tokenizer_ssim"] > 0
+    )
+    assert (tmp_path / "2_tokenizer" / "reconstructions.mp4").stat().st_size > 1_000
+    table = (tmp_path / "comparison.md").read_text()
+    assert "model_psnr" in table and len(table.splitlines()) == 5  # header, rule, 3 checkpoints
     (offline,) = (tmp_path / "wandb").glob("offline-run-*")
     assert list(offline.glob("*.wandb")) and list(offline.rglob("*.png")) and list(offline.rglob("*.mp4"))
 
@@ -125,7 +141,7 @@ def test_eval_refuses_bad_inputs_with_clear_errors(atari_world_model, atari_dir,
     with pytest.raises(CheckpointError, match="unreadable checkpoint"):
         evaluate([str(corrupt)], str(atari_dir), settings, 2, str(tmp_path))
     with pytest.raises(CheckpointError, match="a tokenizer checkpoint; this needs a dynamics checkpoint"):
-        evaluate([str(tokenizer)], str(atari_dir), settings, 2, str(tmp_path))
+        load_world_model(tokenizer)  # what `worldmodel generate` needs
     with pytest.raises(EvalError, match="64x64 clips; the model was trained on 32x32"):
         evaluate([str(dynamics)], str(sample_dir), settings, 2, str(tmp_path))
     with pytest.raises(EvalError, match="lower --horizon"):

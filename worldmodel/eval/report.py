@@ -3,7 +3,8 @@
 Per checkpoint, in `out/<checkpoint name>/`: `metrics.json` (every metric per horizon step and
 averaged, at horizons 1/4/8, and what was skipped and why), `metrics.png` (each metric against
 the horizon, model vs copy-last-frame), `rollouts.mp4` (truth | prediction for a few clips).
-With several checkpoints, `out/comparison.md` puts them side by side.
+With several checkpoints, `out/comparison.md` puts them side by side. A tokenizer checkpoint is
+scored for reconstruction: PSNR and SSIM per frame, `reconstructions.mp4` (truth | decoded).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from tqdm import tqdm
 from worldmodel.data.pipeline import ClipSpec, ClipStream
 from worldmodel.data.shards import read_index, shard_paths
 from worldmodel.data.video import encode_mp4
-from worldmodel.eval.rollout import RolloutSettings, WorldModel, load_world_model, score_batch
-from worldmodel.training.checkpoint import CheckpointError
+from worldmodel.eval.metrics import psnr, ssim
+from worldmodel.eval.rollout import RolloutSettings, score_batch, world_model_from
+from worldmodel.training.checkpoint import CheckpointError, read_stage_checkpoint, tokenizer_from
 
 REPORTED_HORIZONS = (1, 4, 8)
 VIDEO_CLIPS = 4
@@ -31,7 +33,7 @@ class EvalError(ValueError):
     """Data or settings a checkpoint cannot be evaluated with; the message names the mismatch."""
 
 
-def check_compatible(model: WorldModel, index: dict, settings: RolloutSettings, data: Path) -> None:
+def check_compatible(trained_on: dict, num_actions: int, index: dict, settings: RolloutSettings, data: Path):
     needed = settings.context + settings.horizon
     if settings.context < 1:
         raise EvalError(f"--context must be >= 1, got {settings.context}")
@@ -40,16 +42,18 @@ def check_compatible(model: WorldModel, index: dict, settings: RolloutSettings, 
             f"--context {settings.context} + --horizon {settings.horizon} = {needed} frames, but clips in "
             f"{data} have {index['frames_per_clip']}: lower --horizon"
         )
-    trained = model.trained_on
-    if trained.get("height") and (trained["height"], trained["width"]) != (index["height"], index["width"]):
+    if trained_on.get("height") and (trained_on["height"], trained_on["width"]) != (
+        index["height"],
+        index["width"],
+    ):
         raise EvalError(
             f"{data} holds {index['height']}x{index['width']} clips; the model was trained on "
-            f"{trained['height']}x{trained['width']}"
+            f"{trained_on['height']}x{trained_on['width']}"
         )
     data_actions = index["num_actions"] or 0
-    if data_actions > model.num_actions:
+    if data_actions > num_actions:
         raise EvalError(
-            f"{data} has {data_actions} actions; the model knows {model.num_actions}: another action space"
+            f"{data} has {data_actions} actions; the model knows {num_actions}: another action space"
         )
 
 
@@ -79,8 +83,13 @@ def evaluate_checkpoint(
 ) -> dict:
     data = Path(data)
     index = read_index(data)
-    model = load_world_model(path)
-    check_compatible(model, index, settings, data)
+    checkpoint, config = read_stage_checkpoint(path)
+    if config["task"]["stage"] == "tokenizer":
+        check_compatible(checkpoint.get("data") or {}, index["num_actions"] or 0, index, settings, data)
+        return evaluate_tokenizer(tokenizer_from(checkpoint, config), path, data, index, settings, clips, out)
+    model = world_model_from(checkpoint, config, path)
+    del checkpoint
+    check_compatible(model.trained_on, model.num_actions, index, settings, data)
     per_clip: dict[str, list[torch.Tensor]] = {}
     frames_for_video = []
     real_clips, generated_clips = [], []  # whole clips (context + horizon), for FVD
@@ -112,6 +121,42 @@ def evaluate_checkpoint(
         [clip.numpy() for clip in frames_for_video[:VIDEO_CLIPS]], axis=1
     )  # stack clips vertically
     (out / "rollouts.mp4").write_bytes(encode_mp4(grid, fps=index["fps"]))
+    return report
+
+
+@torch.no_grad()
+def evaluate_tokenizer(
+    tokenizer, path, data: Path, index: dict, settings: RolloutSettings, clips: int, out: Path
+):
+    """Reconstruction of held-out clips (context + horizon frames): PSNR and SSIM per frame."""
+    frames = settings.context + settings.horizon
+    per_clip: dict[str, list[torch.Tensor]] = {"tokenizer_psnr": [], "tokenizer_ssim": []}
+    frames_for_video = []
+    progress = tqdm(total=clips, unit="clip", desc=f"eval {Path(path).name}")
+    for batch in held_out_batches(data, index, frames, clips, batch_size=4):
+        video = batch["video"]  # (B, frames, H, W, 3)
+        reconstruction = tokenizer.decode(tokenizer.encode(video))
+        per_clip["tokenizer_psnr"].append(psnr(reconstruction, video))
+        per_clip["tokenizer_ssim"].append(ssim(reconstruction, video))
+        frames_for_video.extend(torch.cat([video, reconstruction], dim=3))  # each (frames, H, 2W, 3)
+        progress.update(len(batch["key"]))
+    progress.close()
+    if not per_clip["tokenizer_psnr"]:
+        raise EvalError(f"{data} has no validation clips")
+    per_frame = {name: torch.cat(values).mean(dim=0).tolist() for name, values in per_clip.items()}
+    report = {
+        "stage": "tokenizer",
+        "clips": sum(len(values) for values in per_clip["tokenizer_psnr"]),
+        "frames": frames,
+        "per_frame": per_frame,
+        "mean": {name: float(np.mean(values)) for name, values in per_frame.items()},
+        "checkpoint": str(path),
+        "folder": str(out),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    grid = np.concatenate([clip.numpy() for clip in frames_for_video[:VIDEO_CLIPS]], axis=1)  # clips stacked
+    (out / "reconstructions.mp4").write_bytes(encode_mp4(grid, fps=index["fps"]))
     return report
 
 
@@ -184,7 +229,7 @@ def compare(reports: list[dict], path: Path) -> str:
         "|---" * (len(columns) + 1) + "|",
     ]
     for report in reports:
-        values = {**report["mean"], "fvd": report["fvd"].get("value")}
+        values = {**report["mean"], "fvd": report.get("fvd", {}).get("value")}
         cells = [f"{values[c]:.3f}" if values.get(c) is not None else "-" for c in columns]
         lines.append(f"| {report['checkpoint']} | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
@@ -235,11 +280,11 @@ def log_to_wandb(reports: list[dict], out: Path, mode: str) -> None:
     run = wandb.init(project="worldmodel", job_type="eval", dir=str(out), mode=mode, name=f"eval-{out.name}")
     for report in reports:
         folder = Path(report["folder"])
-        run.log(
-            {
-                **{f"{folder.name}/{name}": value for name, value in report["mean"].items()},
-                f"{folder.name}/metrics": wandb.Image(str(folder / "metrics.png")),
-                f"{folder.name}/rollouts": wandb.Video(str(folder / "rollouts.mp4"), format="mp4"),
-            }
-        )
+        media = {f"{folder.name}/{name}": value for name, value in report["mean"].items()}
+        if (folder / "metrics.png").exists():
+            media[f"{folder.name}/metrics"] = wandb.Image(str(folder / "metrics.png"))
+        for video in ("rollouts", "reconstructions"):
+            if (folder / f"{video}.mp4").exists():
+                media[f"{folder.name}/{video}"] = wandb.Video(str(folder / f"{video}.mp4"), format="mp4")
+        run.log(media)
     run.finish()

@@ -41,7 +41,11 @@ class WorldModel:
 
 def load_world_model(path: str | os.PathLike) -> WorldModel:
     """A dynamics checkpoint (file, DeepSpeed folder or export) with the tokenizer it embeds."""
-    checkpoint, config = read_stage_checkpoint(path, "dynamics")
+    return world_model_from(*read_stage_checkpoint(path, "dynamics"), path)
+
+
+def world_model_from(checkpoint: dict, config: dict, path: str | os.PathLike) -> WorldModel:
+    """The world model of a read dynamics checkpoint, in eval mode."""
     if "tokenizer" not in checkpoint:
         raise CheckpointError(f"{path}: dynamics checkpoint without its tokenizer entry")
     tokenizer = Tokenizer(TokenizerConfig(**checkpoint["tokenizer"]["config"]))

@@ -88,11 +88,11 @@ def net_state_dict(checkpoint: dict) -> dict:
     }
 
 
-def read_stage_checkpoint(path: str | os.PathLike, stage: str) -> tuple[dict, dict]:
-    """(checkpoint, its training config) of a checkpoint that must be of `stage`."""
+def read_stage_checkpoint(path: str | os.PathLike, stage: str | None = None) -> tuple[dict, dict]:
+    """(checkpoint, its training config); with `stage`, the checkpoint must be of that stage."""
     checkpoint = read_checkpoint(path)
     config = checkpoint_config(checkpoint, path)
-    if config["task"]["stage"] != stage:
+    if stage is not None and config["task"]["stage"] != stage:
         raise CheckpointError(
             f"{path}: a {config['task']['stage']} checkpoint; this needs a {stage} checkpoint"
         )
@@ -101,7 +101,11 @@ def read_stage_checkpoint(path: str | os.PathLike, stage: str) -> tuple[dict, di
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """A trained tokenizer from a tokenizer checkpoint (file, DeepSpeed folder or export)."""
-    checkpoint, config = read_stage_checkpoint(path, "tokenizer")
+    return tokenizer_from(*read_stage_checkpoint(path, "tokenizer"))
+
+
+def tokenizer_from(checkpoint: dict, config: dict) -> Tokenizer:
+    """The tokenizer of a read tokenizer checkpoint, in eval mode."""
     from worldmodel.models.presets import preset
 
     tokenizer_config: TokenizerConfig = preset(config["model"]["preset"])
