@@ -168,8 +168,13 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP Over
         return self
 
     def stop(self) -> None:
-        if self.processes:
+        if self.processes:  # cancel what is left, and let its step daemons exit before the cluster goes
             subprocess.run(["scancel", "--full", f"--user={os.getuid()}"], env=self.env, capture_output=True)
+            deadline = time.monotonic() + 30
+            while (
+                time.monotonic() < deadline and self.run("squeue", "--noheader", check=False).stdout.strip()
+            ):
+                time.sleep(0.5)
         for process in reversed(self.processes):
             process.terminate()
         for process in reversed(self.processes):
@@ -190,9 +195,12 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP Over
         self.stop()
 
     # -- use -------------------------------------------------------------------------------
-    def run(self, *command: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-        """A command (sbatch, squeue, ...) against this cluster."""
-        return subprocess.run(command, env=self.env, capture_output=True, text=True, check=check, **kwargs)
+    def run(
+        self, *command: str, check: bool = True, extra_env: dict | None = None, **kwargs
+    ) -> subprocess.CompletedProcess:
+        """A command (sbatch, squeue, ...) against this cluster; sbatch passes the environment to jobs."""
+        env = {**self.env, **(extra_env or {})}
+        return subprocess.run(command, env=env, capture_output=True, text=True, check=check, **kwargs)
 
     def node_state(self) -> str:
         result = self.run("sinfo", "--noheader", "--format=%T", check=False)
@@ -205,6 +213,11 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP Over
             if field.startswith("JobState="):
                 return field.split("=", 1)[1]
         return ""
+
+    def job_processes_alive(self, job_id: str) -> bool:
+        """Whether a slurmstepd of the job (its batch script or an srun step) still runs on the node."""
+        found = subprocess.run(["pgrep", "-f", f"slurmstepd-wlm: \\[{job_id}\\."], capture_output=True)
+        return found.returncode == 0
 
     def job_field(self, job_id: str, name: str) -> str:
         result = self.run("scontrol", "show", "job", job_id, "--oneliner")

@@ -1,0 +1,112 @@
+"""slurm/train.sbatch and slurm/eval.sbatch on a real single-node SLURM cluster (tests/slurm_cluster.py)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.slurm_cluster import LocalSlurm, SlurmUnavailable
+from tests.training_helpers import FAST, ROOT, logged
+
+pytestmark = pytest.mark.slow
+
+CPU_TASKS = ("--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    try:
+        with LocalSlurm(tmp_path_factory.mktemp("slurm"), cpus=2) as running:
+            yield running
+    except SlurmUnavailable as error:
+        if os.environ.get("WORLDMODEL_REQUIRE_SLURM"):  # CI: a missing cluster is a failure
+            raise
+        pytest.skip(str(error))
+
+
+def submit(cluster: LocalSlurm, script: str, *arguments: str, log: Path, **env: str) -> str:
+    """sbatch a script of slurm/ from the repository root, as users do; returns the job id."""
+    result = cluster.run(
+        "sbatch", "--parsable", f"--output={log}", *_resources(script), f"slurm/{script}",
+        *arguments, cwd=ROOT, extra_env={"PYTHON": sys.executable, "WANDB_MODE": "offline", **env},
+    )  # fmt: skip
+    return result.stdout.strip().split(";")[0]
+
+
+def _resources(script: str) -> tuple[str, ...]:
+    return CPU_TASKS if script == "train.sbatch" else ("--cpus-per-task=1",)
+
+
+def test_sbatch_trains_on_two_tasks_leaves_a_checkpoint_and_eval_sbatch_scores_it(
+    cluster, sample_dir, tmp_path
+):
+    run_dir = tmp_path / "run"
+    overrides = (*FAST, f"data.root={sample_dir}", "trainer.max_steps=4")
+    job = submit(cluster, "train.sbatch", *overrides, log=tmp_path / "train.out", RUN_DIR=str(run_dir))
+    state = cluster.wait_for(job, {"COMPLETED"}, timeout=240)
+    output = (tmp_path / "train.out").read_text()
+    assert state == "COMPLETED", output[-3000:]
+    assert "2 task(s), trainer=cpu" in output and "done: 4 steps" in output
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 4
+    assert checkpoint["hyper_parameters"]["config"]["trainer"]["devices"] == 2  # one rank per task
+
+    eval_dir = tmp_path / "eval"
+    checkpoint_path = str(run_dir / "checkpoints" / "last.ckpt")
+    arguments = (
+        checkpoint_path,
+        "--data",
+        str(sample_dir),
+        "--context",
+        "2",
+        "--horizon",
+        "2",
+        "--clips",
+        "2",
+    )
+    job = submit(cluster, "eval.sbatch", *arguments, log=tmp_path / "eval.out", EVAL_DIR=str(eval_dir))
+    assert cluster.wait_for(job, {"COMPLETED"}, timeout=120) == "COMPLETED"
+    assert (eval_dir / "last.ckpt" / "metrics.json").is_file(), (tmp_path / "eval.out").read_text()[-3000:]
+
+
+def test_a_preempted_job_checkpoints_requeues_itself_and_finishes_from_where_it_stopped(
+    cluster, sample_dir, tmp_path
+):
+    run_dir, log = tmp_path / "run", tmp_path / "train.out"
+    max_steps = 300
+    overrides = (*FAST, f"data.root={sample_dir}", f"trainer.max_steps={max_steps}")
+    overrides += ("trainer.checkpoint_every_n_steps=0",)
+    job = submit(cluster, "train.sbatch", *overrides, log=log, RUN_DIR=str(run_dir))
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and max(logged(run_dir, "train/loss"), default=-1) < 3:
+        assert cluster.job_state(job) in {"PENDING", "RUNNING"}, log.read_text()[-3000:]
+        time.sleep(0.5)
+    # What `#SBATCH --signal=USR1@300` does before the time limit: SIGUSR1 to every task of the job.
+    cluster.run("scancel", "--signal=USR1", job)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and cluster.job_field(job, "Restarts") != "1":
+        time.sleep(0.5)
+    # SLURM holds a requeued job back for 120 s (BeginTime); once its first start has left the node,
+    # release it so the test stays short. The job does the rest: same id, script and arguments, resume=last.
+    cluster.wait_for(job, {"PENDING"}, timeout=60)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and cluster.job_processes_alive(job):
+        time.sleep(0.2)
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    state = cluster.wait_for(job, {"COMPLETED"}, timeout=300)
+    output = log.read_text()
+    assert state == "COMPLETED", output[-3000:]
+    assert cluster.job_field(job, "Restarts") == "1", output[-3000:]
+    stopped_at = int(output.split("preempted at step ")[1].split(";")[0])
+    assert 3 <= stopped_at < max_steps - 10
+    assert "start 2:" in output and f"done: {max_steps} steps" in output
+    # The requeued start logged a new CSV version that begins at the preempted step and runs to the end.
+    steps = sorted(logged(run_dir, "train/loss"))
+    assert steps[0] == stopped_at and steps[-1] == max_steps - 1
+    final = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert final["global_step"] == max_steps
