@@ -5,6 +5,7 @@ as typed dataclasses and runs it. Sweep sizes with `-m model=dynamics_s,dynamics
 """
 
 import sys
+import warnings
 
 import hydra
 from omegaconf import DictConfig
@@ -12,6 +13,10 @@ from omegaconf import DictConfig
 from worldmodel.config import ConfigError
 from worldmodel.training.checkpoint import CheckpointError
 from worldmodel.training.run import fit, prepare, to_train_config
+
+# configs/hydra/launcher/submitit_*.yaml keep the launcher plugin's names (hydra/launcher=submitit_slurm)
+# and set every field; Hydra checks them against the plugin's schema and warns that it does.
+warnings.filterwarnings("ignore", message=".*is validated against ConfigStore schema with the same name")
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="a checkpoint file or DeepSpeed checkpoint folder")
     export.add_argument("out", help="the consolidated .pt file to write")
 
+    scaling = commands.add_parser("scaling", help="fit loss scaling laws over finished runs or sweeps")
+    scaling.add_argument(
+        "runs", nargs="+", help="run folders (with summary.json) or sweep folders above them"
+    )
+    scaling.add_argument("--out", default="scaling", help="folder for scaling.json, scaling.md, scaling.png")
+
     inspect = commands.add_parser("inspect", help="stream a few batches from a prepared folder")
     inspect.add_argument("root", help="folder with dataset.json")
     inspect.add_argument("--split", choices=("train", "val"), default="train")
@@ -277,6 +283,11 @@ def _run(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}/")
     elif args.command == "generate":
         _generate(args)
+    elif args.command == "scaling":
+        from worldmodel.eval.scaling import analyze
+
+        print(analyze(args.runs, args.out)["text"], end="")
+        print(f"wrote {args.out}/scaling.json, scaling.md, scaling.png")
     elif args.command == "export":
         from worldmodel.training.checkpoint import export
 

@@ -245,6 +245,30 @@ class StrategyConfig:
         )
 
 
+BUDGETS = ("tokens_per_parameter", "flops")
+
+
+@dataclass
+class ScalingConfig:
+    """A compute budget that sets trainer.max_steps from the model's size (experiment=scaling)."""
+
+    budget: str | None = None  # null: trainer.max_steps as given | tokens_per_parameter | flops
+    tokens_per_parameter: float = 20.0  # training tokens per parameter (20: Chinchilla's optimum)
+    flops: float | None = None  # training FLOPs per run, the same for every size
+
+    def __post_init__(self) -> None:
+        _require(
+            self.budget is None or self.budget in BUDGETS,
+            "scaling.budget",
+            f"null or one of {BUDGETS}, got {self.budget!r}",
+        )
+        _require(self.tokens_per_parameter > 0, "scaling.tokens_per_parameter", "must be > 0")
+        if self.budget == "flops":
+            _require(
+                self.flops is not None and self.flops > 0, "scaling.flops", "set it (> 0) for budget=flops"
+            )
+
+
 @dataclass
 class LoggerConfig:
     kind: str = "wandb"  # wandb | csv
@@ -268,6 +292,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
     run_dir: str = "outputs/run"  # checkpoints/, logs and media land here
     resume: str | None = None  # last | a checkpoint path | null
     seed: int = 0

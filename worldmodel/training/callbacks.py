@@ -173,15 +173,20 @@ class PreviewVideos(L.Callback):
                 logger.experiment.log({"preview": wandb.Video(str(path), format="mp4")}, step=step)
 
 
+# What a scheduler sends shortly before a time limit or preemption: SIGUSR1 from
+# `sbatch --signal=USR1@...` (slurm/train.sbatch), SIGUSR2 from submitit (Hydra's submitit launchers).
+REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+
+
 class Preemption(L.Callback):
-    """SIGTERM or SIGUSR1: finish the current optimizer step on every rank, then stop with a checkpoint.
+    """SIGTERM, SIGUSR1 or SIGUSR2: finish the current optimizer step on every rank, then checkpoint.
 
     Lightning's own SIGTERM handling stops after the current micro-batch, which under gradient
     accumulation throws away a partly accumulated step; this holds the signal until the step
     boundary, where the ranks agree (one all-reduce) and all raise SIGTERMException together, so
     CheckpointOnException saves on all of them. Which signal came decides what happens next:
-    SIGUSR1 (what `sbatch --signal` sends before the time limit) requeues the job under SLURM,
-    SIGTERM (scancel, or the limit itself) does not.
+    SIGUSR1 / SIGUSR2 (REQUEUE_SIGNALS) requeue the job under SLURM, SIGTERM (scancel, or the
+    limit itself) does not.
     """
 
     def __init__(self):
@@ -192,7 +197,7 @@ class Preemption(L.Callback):
     def on_train_start(self, trainer, module) -> None:
         # Installed after Lightning registered its SIGTERM handler, and replacing it.
         self._trainer = trainer
-        for signum in (signal.SIGTERM, signal.SIGUSR1):
+        for signum in (signal.SIGTERM, *REQUEUE_SIGNALS):
             signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame) -> None:

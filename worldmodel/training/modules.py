@@ -19,7 +19,12 @@ from torch import nn
 
 from worldmodel.config import TrainConfig
 from worldmodel.models.dynamics import Dynamics
-from worldmodel.models.flops import dynamics_flops_per_token, tokenizer_flops_per_token
+from worldmodel.models.flops import (
+    dynamics_flops_per_token,
+    dynamics_parameters,
+    tokenizer_flops_per_token,
+    tokenizer_parameters,
+)
 from worldmodel.models.layers import STBlock
 from worldmodel.models.presets import preset
 from worldmodel.models.tokenizer import Tokenizer
@@ -68,6 +73,10 @@ class WorldModelModule(L.LightningModule):
 
     def flops_per_token(self, video: torch.Tensor) -> float:
         """Training FLOPs per token for clips shaped like `video` (B, T, H, W, 3)."""
+        raise NotImplementedError
+
+    def parameter_count(self) -> int:
+        """Parameters of the trained network, from its architecture (worldmodel.models.flops)."""
         raise NotImplementedError
 
     def token_grid(self, video: torch.Tensor) -> tuple[int, int]:
@@ -188,6 +197,9 @@ class TokenizerModule(WorldModelModule):
     def flops_per_token(self, video):
         return tokenizer_flops_per_token(self.net_config, *self.token_grid(video))
 
+    def parameter_count(self) -> int:
+        return tokenizer_parameters(self.net_config)
+
     @torch.no_grad()
     def preview(self, batch):
         video = batch["video"][:1]
@@ -228,6 +240,9 @@ class DynamicsModule(WorldModelModule):
     def flops_per_token(self, video):
         # The frozen tokenizer's forward pass is not counted: MFU is the trained model's.
         return dynamics_flops_per_token(self.net_config, *self.token_grid(video))
+
+    def parameter_count(self) -> int:
+        return dynamics_parameters(self.net_config)
 
     @torch.no_grad()
     def preview(self, batch):

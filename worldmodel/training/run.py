@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -17,8 +17,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from worldmodel.config import ConfigError, TrainConfig, derive_batch
 from worldmodel.data.datamodule import VideoDataModule
+from worldmodel.training.budget import budget_steps, run_size, write_summary
 from worldmodel.training.callbacks import (
     EMA,
+    REQUEUE_SIGNALS,
     CheckpointOnException,
     DataPosition,
     Preemption,
@@ -126,6 +128,14 @@ def prepare(config: TrainConfig) -> tuple[VideoDataModule, WorldModelModule, L.T
     overfitting = config.trainer.overfit_batches > 0  # debug=overfit: the same batches every step
     data = VideoDataModule(config.data, consume_on_yield=False, repeat_epoch=overfitting)
     module = build_module(config, data)
+    if config.scaling.budget:
+        size = run_size(config, module, data.index)
+        config.trainer.max_steps = budget_steps(config, size)
+        module.save_hyperparameters({"config": asdict(config)})  # checkpoints hold the steps that ran
+        print(
+            f"scaling budget {config.scaling.budget}: {size.parameters / 1e6:.3g}M parameters, "
+            f"{size.tokens_per_step} tokens per step -> trainer.max_steps={config.trainer.max_steps}"
+        )
     return data, module, build_trainer(config), resolve_resume(config.resume, config.run_dir)
 
 
@@ -142,14 +152,35 @@ def fit(config: TrainConfig, data, module, trainer: L.Trainer, ckpt_path: str | 
         if trainer.is_global_zero:
             print(f"preempted at step {trainer.global_step}; checkpoint in {checkpoints}")
         preemption = next(c for c in trainer.callbacks if isinstance(c, Preemption))
-        if preemption.received == signal.SIGUSR1:  # the time limit is near; SIGTERM means cancelled
+        if preemption.received in REQUEUE_SIGNALS:  # the time limit is near; SIGTERM means cancelled
             requeue_if_slurm(trainer)
+            if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+                # Leave without a result, as submitit does: its launcher waits for the requeued job.
+                raise SystemExit(-1) from None
         return trainer
     if not config.trainer.fast_dev_run and not _saved_at(trainer, trainer.global_step):
         trainer.save_checkpoint(checkpoints / "last.ckpt")  # the final steps are never lost
+    if not config.trainer.fast_dev_run and data.index is not None:
+        summarize(config, data, module, trainer)
     if trainer.is_global_zero:
         print(f"done: {trainer.global_step} steps; checkpoints in {checkpoints}")
     return trainer
+
+
+def summarize(
+    config: TrainConfig, data: VideoDataModule, module: WorldModelModule, trainer: L.Trainer
+) -> None:
+    """Write summary.json (size, compute, final losses); budgeted runs validate once more at the
+    very end so every size of a sweep reports its loss after the same share of its budget."""
+    losses = {"train_loss": trainer.callback_metrics.get("train/loss")}
+    if config.scaling.budget:
+        trainer.validate(module, datamodule=data, verbose=False)  # resets callback_metrics
+    losses["val_loss"] = trainer.callback_metrics.get("val/loss")
+    losses = {name: value for name, value in losses.items() if value is not None}
+    if trainer.is_global_zero:
+        write_summary(
+            config.run_dir, config, run_size(config, module, data.index), trainer.global_step, losses
+        )
 
 
 def _saved_at(trainer: L.Trainer, step: int) -> bool:
