@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -11,7 +15,7 @@ import pytest
 import torch
 
 from tests.slurm_cluster import LocalSlurm, SlurmUnavailable
-from tests.training_helpers import FAST, ROOT, logged
+from tests.training_helpers import FAST, ROOT, logged, train
 
 pytestmark = pytest.mark.slow
 
@@ -110,3 +114,53 @@ def test_a_preempted_job_checkpoints_requeues_itself_and_finishes_from_where_it_
     assert steps[0] == stopped_at and steps[-1] == max_steps - 1
     final = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert final["global_step"] == max_steps
+
+
+def test_a_submitit_slurm_sweep_over_two_sizes_completes_both_jobs_and_feeds_worldmodel_scaling(
+    cluster, sample_dir, tmp_path
+):
+    tokenizer = train(tmp_path / "tokenizer", "trainer.max_steps=2", sample_dir=sample_dir)
+    assert tokenizer.returncode == 0, tokenizer.stderr[-3000:]
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, "train.py", "experiment=scaling", "hydra/launcher=submitit_slurm"]
+    command += ["model=dynamics_debug,dynamics_xs", "scaling.tokens_per_parameter=0.05"]
+    command += [
+        f"task.tokenizer_checkpoint={tmp_path}/tokenizer/checkpoints/last.ckpt",
+        f"data.root={sample_dir}",
+    ]
+    command += ["logger=csv", "data.frames=4", "data.global_batch_size=4", "data.num_workers=0"]
+    command += ["trainer.video_every_n_steps=0", "trainer.limit_val_batches=2", f"hydra.sweep.dir={sweep}"]
+    command += [
+        "hydra.launcher.tasks_per_node=1",
+        "hydra.launcher.gpus_per_node=0",
+        "hydra.launcher.cpus_per_task=1",
+    ]
+    result = cluster.run(*command, check=False, cwd=ROOT, timeout=420, extra_env={"WANDB_MODE": "offline"})
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    # One array job, one task per size: .submitit/<array>_<task>/
+    jobs = sorted(
+        path.name for path in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", path.name)
+    )
+    assert len(jobs) == 2 and all(cluster.job_state(job) == "COMPLETED" for job in jobs)
+    summaries = {
+        summary["preset"]: summary
+        for summary in (json.loads(path.read_text()) for path in sweep.glob("*/summary.json"))
+    }
+    assert set(summaries) == {"dynamics_debug", "dynamics_xs"}
+    for summary in summaries.values():  # each size trained for its own budget: 0.05 tokens per parameter
+        assert summary["steps"] == math.ceil(0.05 * summary["parameters"] / summary["tokens_per_step"])
+        assert summary["val_loss"] > 0
+    scaling = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("worldmodel")),
+            "scaling",
+            str(sweep),
+            "--out",
+            str(tmp_path / "fit"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert scaling.returncode == 0, scaling.stderr
+    assert "| dynamics_xs |" in scaling.stdout and "E fixed at 0: 2 runs" in scaling.stdout
+    assert (tmp_path / "fit" / "scaling.png").is_file()
