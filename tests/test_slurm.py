@@ -164,3 +164,46 @@ def test_a_submitit_slurm_sweep_over_two_sizes_completes_both_jobs_and_feeds_wor
     assert scaling.returncode == 0, scaling.stderr
     assert "| dynamics_xs |" in scaling.stdout and "E fixed at 0: 2 runs" in scaling.stdout
     assert (tmp_path / "fit" / "scaling.png").is_file()
+
+
+def test_a_preempted_submitit_job_checkpoints_requeues_and_the_sweep_finishes(cluster, sample_dir, tmp_path):
+    sweep, max_steps = tmp_path / "sweep", 80
+    command = [sys.executable, "train.py", "-m", "hydra/launcher=submitit_slurm", "model=tokenizer_debug"]
+    command += [*FAST, f"data.root={sample_dir}", f"trainer.max_steps={max_steps}", "resume=last"]
+    command += ["trainer.checkpoint_every_n_steps=0", f"hydra.sweep.dir={sweep}"]
+    command += [
+        "hydra.launcher.tasks_per_node=1",
+        "hydra.launcher.gpus_per_node=0",
+        "hydra.launcher.cpus_per_task=2",
+    ]
+    launcher = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env={**cluster.env, "WANDB_MODE": "offline"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    run_dir, job = sweep / "0_tokenizer_debug", "1"  # a sweep of one run is one plain job
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and max(logged(run_dir, "train/loss"), default=-1) < 3:
+        assert launcher.poll() is None, launcher.stdout.read().decode()[-3000:]
+        time.sleep(0.5)
+    signalled = cluster.run(
+        "scancel", "--signal=USR2", job, check=False
+    )  # what submitit asks SLURM to send before the limit
+    assert signalled.returncode == 0, signalled.stderr + cluster.run("squeue", check=False).stdout
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and cluster.job_field(job, "Restarts") != "1":
+        time.sleep(0.5)
+    cluster.wait_for(job, {"PENDING"}, timeout=60)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and cluster.job_processes_alive(job):
+        time.sleep(0.2)
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # skip SLURM's 120 s requeue hold
+    output, _ = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, output.decode()[-3000:]
+    log = (sweep / ".submitit" / job / f"{job}_0_log.out").read_text()  # task 0's log
+    stopped_at = int(log.split("preempted at step ")[1].split(";")[0])
+    assert 3 <= stopped_at < max_steps - 10 and f"done: {max_steps} steps" in log
+    assert sorted(logged(run_dir, "train/loss"))[0] == stopped_at  # the requeued start resumed there
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == max_steps
