@@ -117,6 +117,7 @@ def test_eval_end_to_end_writes_every_output(atari_world_model, atari_dir, tmp_p
         assert report["fvd"] == {"skipped": "clips of 6 frames; I3D needs at least 9"}
         assert (tmp_path / run_dir / "metrics.png").stat().st_size > 10_000
         assert (tmp_path / run_dir / "rollouts.mp4").stat().st_size > 1_000
+        assert (tmp_path / run_dir / "rollouts.png").stat().st_size > 1_000
     reconstruction = json.loads((tmp_path / "2_tokenizer" / "metrics.json").read_text())
     assert reconstruction["stage"] == "tokenizer" and reconstruction["clips"] == 3
     assert (

@@ -2,7 +2,8 @@
 
 Per checkpoint, in `out/<checkpoint name>/`: `metrics.json` (every metric per horizon step and
 averaged, at horizons 1/4/8, and what was skipped and why), `metrics.png` (each metric against
-the horizon, model vs copy-last-frame), `rollouts.mp4` (truth | prediction for a few clips).
+the horizon, model vs copy-last-frame), `rollouts.mp4` (truth | prediction for a few clips) and
+`rollouts.png` (the same clips as still rows: truth above prediction, horizon steps left to right).
 With several checkpoints, `out/comparison.md` puts them side by side. A tokenizer checkpoint is
 scored for reconstruction: PSNR and SSIM per frame, `reconstructions.mp4` (truth | decoded).
 """
@@ -121,7 +122,23 @@ def evaluate_checkpoint(
         [clip.numpy() for clip in frames_for_video[:VIDEO_CLIPS]], axis=1
     )  # stack clips vertically
     (out / "rollouts.mp4").write_bytes(encode_mp4(grid, fps=index["fps"]))
+    save_still([clip.numpy() for clip in frames_for_video[:VIDEO_CLIPS]], out / "rollouts.png")
     return report
+
+
+def save_still(clips: list[np.ndarray], path: Path, scale: int = 2) -> None:
+    """A PNG of each clip's horizon: a row of true frames over a row of predicted ones.
+    `clips`: uint8 (horizon, H, 2W, 3), truth | prediction side by side as in rollouts.mp4."""
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for clip in clips:
+        width = clip.shape[2] // 2
+        for half in (clip[:, :, :width], clip[:, :, width:]):  # truth, then prediction
+            rows.append(np.concatenate(list(half), axis=1))  # frames left to right: (H, horizon * W, 3)
+        rows.append(np.full((4, rows[-1].shape[1], 3), 255, np.uint8))  # white gap between clips
+    image = np.concatenate(rows[:-1], axis=0).repeat(scale, axis=0).repeat(scale, axis=1)
+    plt.imsave(path, image)
 
 
 @torch.no_grad()
