@@ -125,6 +125,7 @@ def test_eval_end_to_end_writes_every_output(atari_world_model, atari_dir, tmp_p
         and reconstruction["mean"]["tokenizer_ssim"] > 0
     )
     assert (tmp_path / "2_tokenizer" / "reconstructions.mp4").stat().st_size > 1_000
+    assert (tmp_path / "2_tokenizer" / "reconstructions.png").stat().st_size > 1_000
     table = (tmp_path / "comparison.md").read_text()
     assert "model_psnr" in table and len(table.splitlines()) == 5  # header, rule, 3 checkpoints
     (offline,) = (tmp_path / "wandb").glob("offline-run-*")

@@ -5,7 +5,7 @@ averaged, at horizons 1/4/8, and what was skipped and why), `metrics.png` (each 
 the horizon, model vs copy-last-frame), `rollouts.mp4` (truth | prediction for a few clips) and
 `rollouts.png` (the same clips as still rows: truth above prediction, horizon steps left to right).
 With several checkpoints, `out/comparison.md` puts them side by side. A tokenizer checkpoint is
-scored for reconstruction: PSNR and SSIM per frame, `reconstructions.mp4` (truth | decoded).
+scored for reconstruction: PSNR and SSIM per frame, `reconstructions.mp4` / `.png`.
 """
 
 from __future__ import annotations
@@ -118,19 +118,17 @@ def evaluate_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(report, out / "metrics.png")
-    grid = np.concatenate(
-        [clip.numpy() for clip in frames_for_video[:VIDEO_CLIPS]], axis=1
-    )  # stack clips vertically
-    (out / "rollouts.mp4").write_bytes(encode_mp4(grid, fps=index["fps"]))
-    save_still([clip.numpy() for clip in frames_for_video[:VIDEO_CLIPS]], out / "rollouts.png")
+    save_clips(frames_for_video[:VIDEO_CLIPS], out, "rollouts", index["fps"])
     return report
 
 
-def save_still(clips: list[np.ndarray], path: Path, scale: int = 2) -> None:
-    """A PNG of each clip's horizon: a row of true frames over a row of predicted ones.
-    `clips`: uint8 (horizon, H, 2W, 3), truth | prediction side by side as in rollouts.mp4."""
+def save_clips(clips: list[torch.Tensor], out: Path, stem: str, fps: float, scale: int = 2) -> None:
+    """`stem.mp4` with the clips stacked vertically, and `stem.png`, a still of each clip: a row
+    of true frames over a row of model frames. `clips`: uint8 (T, H, 2W, 3), truth | model."""
     import matplotlib.pyplot as plt
 
+    clips = [clip.numpy() for clip in clips]
+    (out / f"{stem}.mp4").write_bytes(encode_mp4(np.concatenate(clips, axis=1), fps=fps))
     rows = []
     for clip in clips:
         width = clip.shape[2] // 2
@@ -138,7 +136,7 @@ def save_still(clips: list[np.ndarray], path: Path, scale: int = 2) -> None:
             rows.append(np.concatenate(list(half), axis=1))  # frames left to right: (H, horizon * W, 3)
         rows.append(np.full((4, rows[-1].shape[1], 3), 255, np.uint8))  # white gap between clips
     image = np.concatenate(rows[:-1], axis=0).repeat(scale, axis=0).repeat(scale, axis=1)
-    plt.imsave(path, image)
+    plt.imsave(out / f"{stem}.png", image)
 
 
 @torch.no_grad()
@@ -155,7 +153,8 @@ def evaluate_tokenizer(
         reconstruction = tokenizer.decode(tokenizer.encode(video))
         per_clip["tokenizer_psnr"].append(psnr(reconstruction, video))
         per_clip["tokenizer_ssim"].append(ssim(reconstruction, video))
-        frames_for_video.extend(torch.cat([video, reconstruction], dim=3))  # each (frames, H, 2W, 3)
+        if len(frames_for_video) < VIDEO_CLIPS:
+            frames_for_video.extend(torch.cat([video, reconstruction], dim=3))  # each (frames, H, 2W, 3)
         progress.update(len(batch["key"]))
     progress.close()
     if not per_clip["tokenizer_psnr"]:
@@ -172,8 +171,7 @@ def evaluate_tokenizer(
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-    grid = np.concatenate([clip.numpy() for clip in frames_for_video[:VIDEO_CLIPS]], axis=1)  # clips stacked
-    (out / "reconstructions.mp4").write_bytes(encode_mp4(grid, fps=index["fps"]))
+    save_clips(frames_for_video[:VIDEO_CLIPS], out, "reconstructions", index["fps"])
     return report
 
 
