@@ -1,9 +1,10 @@
 """Stage 2: an action-conditioned spatiotemporal transformer over token grids, trained with MaskGIT.
 
-Input: token ids (B, T, h, w), some replaced by a mask id, and one action per frame (B, T).
-The embedding of action t (the action taken after frame t) is added to every token of frame t;
-causal temporal attention carries it to frame t + 1, which is where it matters. Output: logits
-over the tokenizer's vocabulary at every position.
+Input: token ids (B, T, h, w), some replaced by a mask id, and one action per frame (B, T),
+action t being the one taken after frame t. The embedding of action t is added to every token of
+frame t + 1, the frame it leads to (frame 0 gets the null action's): each token being predicted
+sees the action that moved the world there directly, not only through attention to the previous
+frame. Output: logits over the tokenizer's vocabulary at every position.
 
 Training masks a cosine-scheduled random fraction of the tokens of every frame but the first
 and scores the masked ones. Generation is autoregressive over frames; inside a frame, MaskGIT
@@ -66,7 +67,9 @@ class Dynamics(nn.Module):
     def forward(self, tokens: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T, h, w) (mask_id where masked) + actions (B, T) -> logits (B, T, h, w, V)."""
         x = self.token_embedding(tokens)  # (B, T, h, w, D)
-        x = x + self.action_embedding(self.action_rows(actions))[:, :, None, None, :]  # broadcast over h, w
+        null = torch.full_like(actions[:, :1], NULL_ACTION)
+        leading_to = torch.cat([null, actions[:, :-1]], dim=1)  # (B, T): the action before each frame
+        x = x + self.action_embedding(self.action_rows(leading_to))[:, :, None, None, :]  # over h, w
         return self.head(self.transformer(x))
 
     def training_loss(
