@@ -23,8 +23,8 @@ def test_outputs_for_frames_up_to_t_ignore_later_frames_and_actions_reach_the_ne
     assert torch.equal(base[:, :2], after[:, :2]) and not torch.allclose(base[:, 2:], after[:, 2:])
     other_actions = actions.clone()
     other_actions[:, 1] = (other_actions[:, 1] + 1) % DEBUG.num_actions
-    acted = model(tokens, other_actions)
-    assert torch.equal(base[:, :1], acted[:, :1]) and not torch.allclose(base[:, 2], acted[:, 2])
+    acted = model(tokens, other_actions)  # action 1 leads to frame 2: frames 0 and 1 must not see it
+    assert torch.equal(base[:, :2], acted[:, :2]) and not torch.allclose(base[:, 2], acted[:, 2])
 
 
 def test_spatial_attention_mixes_only_within_a_frame():
