@@ -33,7 +33,7 @@ ATARI := outputs/atari
 ATARI_DATA := data/shards/atari
 
 # The real-data proof (README "Results on Atari"): record Boxing + Riverraid, train both stages,
-# evaluate on held-out episodes. About an hour on 2 CPU cores.
+# evaluate on held-out episodes. About 50 minutes on 2 CPU cores.
 atari: setup
 	$(BIN)/worldmodel prepare atari --games Boxing,Riverraid --episodes 48 --max-steps 500 \
 		--frames 16 --size 64 --out $(ATARI_DATA)
