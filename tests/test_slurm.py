@@ -183,11 +183,13 @@ def test_a_preempted_submitit_job_checkpoints_requeues_and_the_sweep_finishes(cl
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    run_dir, job = sweep / "0_tokenizer_debug", "1"  # a sweep of one run is one plain job
+    run_dir = sweep / "0_tokenizer_debug"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and max(logged(run_dir, "train/loss"), default=-1) < 3:
         assert launcher.poll() is None, launcher.stdout.read().decode()[-3000:]
         time.sleep(0.5)
+    # A sweep of one run is one plain job; submitit names its folder after the job id.
+    (job,) = [path.name for path in (sweep / ".submitit").iterdir() if path.name.isdigit()]
     signalled = cluster.run(
         "scancel", "--signal=USR2", job, check=False
     )  # what submitit asks SLURM to send before the limit
