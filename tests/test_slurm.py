@@ -42,6 +42,20 @@ def submit(cluster: LocalSlurm, script: str, *arguments: str, log: Path, **env: 
     return result.stdout.strip().split(";")[0]
 
 
+def release_requeued(cluster: LocalSlurm, job: str) -> None:
+    """Wait until the job has requeued itself, then skip SLURM's 120 s hold on requeued jobs (BeginTime)
+    so the test stays short. Released only once the first start has left the node: earlier, its exit
+    status can land on the requeued job and mark it FAILED. The job does the rest itself."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and cluster.job_field(job, "Restarts") != "1":
+        time.sleep(0.5)
+    cluster.wait_for(job, {"PENDING"}, timeout=60)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and cluster.job_processes_alive(job):
+        time.sleep(0.2)
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+
+
 def _resources(script: str) -> tuple[str, ...]:
     return CPU_TASKS if script == "train.sbatch" else ("--cpus-per-task=1",)
 
@@ -92,16 +106,7 @@ def test_a_preempted_job_checkpoints_requeues_itself_and_finishes_from_where_it_
         time.sleep(0.5)
     # What `#SBATCH --signal=USR1@300` does before the time limit: SIGUSR1 to every task of the job.
     cluster.run("scancel", "--signal=USR1", job)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and cluster.job_field(job, "Restarts") != "1":
-        time.sleep(0.5)
-    # SLURM holds a requeued job back for 120 s (BeginTime); once its first start has left the node,
-    # release it so the test stays short. The job does the rest: same id, script and arguments, resume=last.
-    cluster.wait_for(job, {"PENDING"}, timeout=60)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and cluster.job_processes_alive(job):
-        time.sleep(0.2)
-    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    release_requeued(cluster, job)
     state = cluster.wait_for(job, {"COMPLETED"}, timeout=300)
     output = log.read_text()
     assert state == "COMPLETED", output[-3000:]
@@ -190,18 +195,10 @@ def test_a_preempted_submitit_job_checkpoints_requeues_and_the_sweep_finishes(cl
         time.sleep(0.5)
     # A sweep of one run is one plain job; submitit names its folder after the job id.
     (job,) = [path.name for path in (sweep / ".submitit").iterdir() if path.name.isdigit()]
-    signalled = cluster.run(
-        "scancel", "--signal=USR2", job, check=False
-    )  # what submitit asks SLURM to send before the limit
+    # What submitit asks SLURM to send before the limit.
+    signalled = cluster.run("scancel", "--signal=USR2", job, check=False)
     assert signalled.returncode == 0, signalled.stderr + cluster.run("squeue", check=False).stdout
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and cluster.job_field(job, "Restarts") != "1":
-        time.sleep(0.5)
-    cluster.wait_for(job, {"PENDING"}, timeout=60)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and cluster.job_processes_alive(job):
-        time.sleep(0.2)
-    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # skip SLURM's 120 s requeue hold
+    release_requeued(cluster, job)
     output, _ = launcher.communicate(timeout=300)
     assert launcher.returncode == 0, output.decode()[-3000:]
     log = (sweep / ".submitit" / job / f"{job}_0_log.out").read_text()  # task 0's log
