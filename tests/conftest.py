@@ -22,6 +22,20 @@ def sample_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tokenizer_checkpoint(tmp_path_factory, sample_dir) -> Path:
+    """A real tokenizer checkpoint: two steps of in-process training on the sample data."""
+    from tests.training_helpers import composed
+    from worldmodel.training.run import run, to_train_config
+
+    run_dir = tmp_path_factory.mktemp("tokenizer_run")
+    overrides = ("experiment=demo_tokenizer", "logger=csv", f"run_dir={run_dir}", f"data.root={sample_dir}")
+    overrides += ("data.frames=4", "data.num_workers=0", "trainer.max_steps=2")
+    overrides += ("trainer.checkpoint_every_n_steps=2", "trainer.video_every_n_steps=0")
+    run(to_train_config(composed(*overrides)))
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
 ATARI_SETTINGS = AtariSettings(frames=8, size=32, max_steps=48, seed=3)
 
 

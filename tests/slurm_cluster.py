@@ -142,10 +142,10 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP Over
 
     def _daemon(self, binary: str, *args: str) -> None:
         path = shutil.which(binary, path=self.env["PATH"])
-        log = open(self.root / "log" / f"{binary}.out", "ab")  # noqa: SIM115 (closed with the process)
-        self.processes.append(
-            subprocess.Popen([path, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        )
+        with open(self.root / "log" / f"{binary}.out", "ab") as log:  # the daemon keeps its own copy
+            self.processes.append(
+                subprocess.Popen([path, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            )
 
     def _wait(self, ready, what: str, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

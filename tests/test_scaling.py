@@ -81,20 +81,15 @@ def test_worldmodel_scaling_reads_run_folders_and_writes_table_fits_and_plot(tmp
 
 
 @pytest.mark.slow
-def test_a_submitit_local_sweep_runs_the_scaling_ladder_on_this_machine(sample_dir, tmp_path):
-    from tests.training_helpers import ROOT, train
+def test_a_submitit_local_sweep_runs_the_scaling_ladder_on_this_machine(
+    sample_dir, tokenizer_checkpoint, tmp_path
+):
+    from tests.training_helpers import ROOT, scaling_sweep
 
-    tokenizer = train(tmp_path / "tokenizer", "trainer.max_steps=2", sample_dir=sample_dir)
-    assert tokenizer.returncode == 0, tokenizer.stderr[-3000:]
     sweep = tmp_path / "sweep"
-    command = [sys.executable, "train.py", "experiment=scaling", "hydra/launcher=submitit_local"]
-    command += ["model=dynamics_debug,dynamics_xs", "scaling.tokens_per_parameter=0.02"]
-    command += [
-        f"task.tokenizer_checkpoint={tmp_path}/tokenizer/checkpoints/last.ckpt",
-        f"data.root={sample_dir}",
-    ]
-    command += ["logger=csv", "data.frames=4", "data.global_batch_size=4", "data.num_workers=0"]
-    command += ["trainer.video_every_n_steps=0", "trainer.limit_val_batches=1", f"hydra.sweep.dir={sweep}"]
+    command = scaling_sweep(
+        "submitit_local", tokenizer_checkpoint, sample_dir, sweep, tokens_per_parameter=0.02
+    )
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     presets = {json.loads(path.read_text())["preset"] for path in sweep.glob("*/summary.json")}

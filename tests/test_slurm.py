@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.slurm_cluster import LocalSlurm, SlurmUnavailable
-from tests.training_helpers import FAST, ROOT, logged, train
+from tests.training_helpers import FAST, ROOT, logged, scaling_sweep
 
 pytestmark = pytest.mark.slow
 
@@ -122,19 +122,12 @@ def test_a_preempted_job_checkpoints_requeues_itself_and_finishes_from_where_it_
 
 
 def test_a_submitit_slurm_sweep_over_two_sizes_completes_both_jobs_and_feeds_worldmodel_scaling(
-    cluster, sample_dir, tmp_path
+    cluster, sample_dir, tokenizer_checkpoint, tmp_path
 ):
-    tokenizer = train(tmp_path / "tokenizer", "trainer.max_steps=2", sample_dir=sample_dir)
-    assert tokenizer.returncode == 0, tokenizer.stderr[-3000:]
     sweep = tmp_path / "sweep"
-    command = [sys.executable, "train.py", "experiment=scaling", "hydra/launcher=submitit_slurm"]
-    command += ["model=dynamics_debug,dynamics_xs", "scaling.tokens_per_parameter=0.05"]
-    command += [
-        f"task.tokenizer_checkpoint={tmp_path}/tokenizer/checkpoints/last.ckpt",
-        f"data.root={sample_dir}",
-    ]
-    command += ["logger=csv", "data.frames=4", "data.global_batch_size=4", "data.num_workers=0"]
-    command += ["trainer.video_every_n_steps=0", "trainer.limit_val_batches=2", f"hydra.sweep.dir={sweep}"]
+    command = scaling_sweep(
+        "submitit_slurm", tokenizer_checkpoint, sample_dir, sweep, tokens_per_parameter=0.05
+    )
     command += [
         "hydra.launcher.tasks_per_node=1",
         "hydra.launcher.gpus_per_node=0",

@@ -4,9 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from tests.training_helpers import ROOT, logged, start_training, train
+from tests.training_helpers import ROOT, composed, logged, start_training, train
 from worldmodel.config import ConfigError
 from worldmodel.training.checkpoint import load_tokenizer, net_state_dict, read_checkpoint
 from worldmodel.training.modules import DynamicsModule, TokenizerModule
@@ -20,32 +19,6 @@ def options(group: str) -> list[str]:
     """Every option of a config group, nested ones as `folder/name` (experiment=atari_cpu/dynamics)."""
     folder = CONFIGS / group
     return sorted(str(path.relative_to(folder).with_suffix("")) for path in folder.rglob("*.yaml"))
-
-
-def composed(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
-
-
-@pytest.fixture(scope="module")
-def tokenizer_checkpoint(tmp_path_factory, sample_dir) -> Path:
-    """A real tokenizer checkpoint: two steps of in-process training."""
-    run_dir = tmp_path_factory.mktemp("tokenizer_run")
-    config = to_train_config(
-        composed(
-            "experiment=demo_tokenizer",
-            "logger=csv",
-            f"run_dir={run_dir}",
-            f"data.root={sample_dir}",
-            "data.frames=4",
-            "data.num_workers=0",
-            "trainer.max_steps=2",
-            "trainer.checkpoint_every_n_steps=2",
-            "trainer.video_every_n_steps=0",
-        )
-    )
-    run(config)
-    return run_dir / "checkpoints" / "last.ckpt"
 
 
 def build_everything(config, tokenizer_checkpoint):

@@ -41,6 +41,28 @@ def start_training(run_dir: Path, *overrides: str, sample_dir: Path) -> subproce
     )
 
 
+def composed(*overrides: str):
+    """configs/train.yaml composed with overrides, as train.py would (without running it)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def scaling_sweep(
+    launcher: str, tokenizer: Path, data: Path, sweep: Path, tokens_per_parameter: float
+) -> list:
+    """`python train.py experiment=scaling` over dynamics_debug and dynamics_xs with a submitit launcher,
+    each size trained for `tokens_per_parameter` tokens per parameter on small clips."""
+    return [
+        *(sys.executable, "train.py", "experiment=scaling", f"hydra/launcher={launcher}"),
+        *("model=dynamics_debug,dynamics_xs", f"scaling.tokens_per_parameter={tokens_per_parameter}"),
+        *(f"task.tokenizer_checkpoint={tokenizer}", f"data.root={data}", f"hydra.sweep.dir={sweep}"),
+        *("logger=csv", "data.frames=4", "data.global_batch_size=4", "data.num_workers=0"),
+        *("trainer.video_every_n_steps=0", "trainer.limit_val_batches=1"),
+    ]
+
+
 def _env() -> dict:
     env = dict(os.environ)
     env.setdefault("WANDB_MODE", "offline")
