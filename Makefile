@@ -29,18 +29,20 @@ demo: setup
 	@echo "  checkpoints/  last.ckpt and every 100 steps;   media/  preview mp4s (truth | model)"
 	@echo "  wandb/        offline run logs: .venv/bin/wandb sync $(DEMO)/dynamics/wandb/offline-run-*"
 
-ATARI := outputs/atari
-ATARI_DATA := data/shards/atari
-
-# The real-data proof (README "Results on Atari"): record Boxing + Riverraid, train both stages,
-# evaluate on held-out episodes. About 50 minutes on 2 CPU cores.
+# The real-data proof (README "Results on Atari"): record game play, train both stages, evaluate
+# on held-out episodes; about 50 minutes on 2 CPU cores. The recipe is the same for every game:
+# `make atari GAMES=Pong,Seaquest OUT=outputs/atari-other`.
+GAMES ?= Boxing,Riverraid
+OUT ?= outputs/atari
+ATARI_STEPS ?=
 atari: setup
-	$(BIN)/worldmodel prepare atari --games Boxing,Riverraid --episodes 48 --max-steps 500 \
-		--frames 16 --size 64 --out $(ATARI_DATA)
-	$(BIN)/python train.py experiment=atari_cpu/tokenizer run_dir=$(ATARI)/tokenizer
-	$(BIN)/python train.py experiment=atari_cpu/dynamics run_dir=$(ATARI)/dynamics
-	$(BIN)/worldmodel eval $(ATARI)/dynamics/checkpoints/last.ckpt --data $(ATARI_DATA) \
-		--context 4 --horizon 8 --clips 128 --steps 4 --out $(ATARI)/eval
+	$(BIN)/worldmodel prepare atari --games $(GAMES) --episodes 48 --max-steps 500 \
+		--frames 16 --size 64 --out $(OUT)/data
+	$(BIN)/python train.py experiment=atari_cpu/tokenizer run_dir=$(OUT)/tokenizer data.root=$(OUT)/data
+	$(BIN)/python train.py experiment=atari_cpu/dynamics run_dir=$(OUT)/dynamics data.root=$(OUT)/data \
+		task.tokenizer_checkpoint=$(OUT)/tokenizer/checkpoints/last.ckpt $(ATARI_STEPS)
+	$(BIN)/worldmodel eval $(OUT)/dynamics/checkpoints/last.ckpt --data $(OUT)/data \
+		--context 4 --horizon 8 --clips 128 --steps 4 --out $(OUT)/eval
 
 test: setup
 	$(BIN)/python -m pytest -q

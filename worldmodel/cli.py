@@ -39,7 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     atari.add_argument("--episodes", type=int, required=True, help="episodes per game")
     _add_shard_options(atari, frames=16, size=64)
     atari.add_argument("--frameskip", type=int, default=4)
-    atari.add_argument("--sticky", type=float, default=0.25, help="repeat_action_probability")
+    atari.add_argument(
+        "--sticky", type=float, default=0.0, help="repeat_action_probability (0: actions run as recorded)"
+    )
+    atari.add_argument(
+        "--max-hold", type=int, default=8, help="the random policy holds each action 1..N steps (1: none)"
+    )
     atari.add_argument("--max-steps", type=int, default=2000, help="steps per episode at most")
     atari.add_argument("--seed", type=int, default=0)
 
@@ -73,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=4)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--out", default="eval", help="output folder")
+    evaluate.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if there is one)")
     evaluate.add_argument("--i3d", default=None, help="I3D weights file for FVD (see worldmodel/eval/i3d.py)")
     evaluate.add_argument(
         "--lpips", default=None, help="LPIPS-AlexNet weights (see worldmodel/eval/lpips.py)"
@@ -132,7 +138,9 @@ def _prepare(args: argparse.Namespace) -> dict:
         return prepare_folder(args.src, args.out, settings, **common)
     from worldmodel.data.sources.atari import AtariSettings, prepare_atari
 
-    settings = AtariSettings(args.frames, args.size, args.frameskip, args.sticky, args.max_steps, args.seed)
+    settings = AtariSettings(
+        args.frames, args.size, args.frameskip, args.sticky, args.max_hold, args.max_steps, args.seed
+    )
     games = [game.strip() for game in args.games.split(",") if game.strip()]
     return prepare_atari(games, args.episodes, args.out, settings, **common)
 
@@ -260,7 +268,9 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "inspect":
         _inspect(args)
     elif args.command == "eval":
-        from worldmodel.eval.report import evaluate
+        import torch
+
+        from worldmodel.eval.report import evaluate, table
         from worldmodel.eval.rollout import RolloutSettings
 
         settings = RolloutSettings(
@@ -276,10 +286,17 @@ def _run(args: argparse.Namespace) -> None:
             i3d_weights=args.i3d,
             lpips_weights=args.lpips,
             wandb_mode=args.wandb,
+            device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         )
         for report in reports:
-            means = ", ".join(f"{name} {value:.3f}" for name, value in report["mean"].items())
-            print(f"{report['checkpoint']}: {report['clips']} clips; {means}")
+            print(f"{report['checkpoint']}:")
+            print(table(report), end="")
+            pictures = [
+                name
+                for name in ("rollouts.png", "controllability.png", "reconstructions.png")
+                if (Path(report["folder"]) / name).exists()
+            ]
+            print(f"pictures: {', '.join(str(Path(report['folder']) / name) for name in pictures)}")
         print(f"wrote {args.out}/")
     elif args.command == "generate":
         _generate(args)

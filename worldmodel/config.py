@@ -100,12 +100,19 @@ class ModelConfig:
 
     preset: str = "tokenizer_debug"
     checkpointing: bool = False  # recompute each ST block's activations in backward
+    action_conditioning: str | None = None  # dynamics: token | add | adaln instead of the preset's
 
     def __post_init__(self) -> None:
+        from worldmodel.models.dynamics import CONDITIONINGS
         from worldmodel.models.presets import DYNAMICS_PRESETS, TOKENIZER_PRESETS
 
         known = {**TOKENIZER_PRESETS, **DYNAMICS_PRESETS}
         _require(self.preset in known, "model.preset", f"unknown {self.preset!r}; one of {sorted(known)}")
+        _require(
+            self.action_conditioning in (None, *CONDITIONINGS),
+            "model.action_conditioning",
+            f"null or one of {CONDITIONINGS}, got {self.action_conditioning!r}",
+        )
 
 
 @dataclass
@@ -116,9 +123,23 @@ class TaskConfig:
     tokenizer_checkpoint: str | None = None  # dynamics: a trained tokenizer (file or DeepSpeed folder)
     context_frames: int = 2  # dynamics rollout videos: real frames given before generating
     maskgit_steps: int = 4  # dynamics rollout videos: decoding iterations per frame
+    # dynamics: masked frames attend to clean earlier frames, as in generation (teacher forcing,
+    # twice the frames per step); false: to earlier frames masked like themselves (Genie)
+    clean_context: bool = True
+    context_noise: float = 0.0  # dynamics: up to this fraction of context tokens made random
 
     def __post_init__(self) -> None:
         _require(self.stage in STAGES, "task.stage", f"must be one of {STAGES}, got {self.stage!r}")
+        _require(
+            0.0 <= self.context_noise < 1.0,
+            "task.context_noise",
+            f"must be in [0, 1), got {self.context_noise}",
+        )
+        _require(
+            self.clean_context or self.context_noise == 0.0,
+            "task.context_noise",
+            "noise applies to clean context: set task.clean_context=true or context_noise=0",
+        )
         if self.stage == "dynamics":
             _require(
                 self.tokenizer_checkpoint is not None,

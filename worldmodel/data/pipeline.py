@@ -100,7 +100,8 @@ def decode_sample(sample: dict, spec: ClipSpec, rng: np.random.Generator | None)
         actions = actions[indices].astype(np.int64)
     else:
         actions = np.full(len(indices), NULL_ACTION, dtype=np.int64)
-    return {"key": sample["__key__"], "video": video, "actions": actions}
+    source = str(meta.get("source", ""))  # e.g. "atari/Boxing": eval reports each source apart
+    return {"key": sample["__key__"], "video": video, "actions": actions, "source": source}
 
 
 @dataclass
@@ -275,6 +276,7 @@ def _collate(clips: list[dict], progress: WorkerProgress) -> dict:
         "video": torch.from_numpy(np.stack([c["video"] for c in clips])),  # (B, T, H, W, 3) uint8
         "actions": torch.from_numpy(np.stack([c["actions"] for c in clips])),  # (B, T) int64
         "key": [c["key"] for c in clips],
+        "source": [c["source"] for c in clips],
         "stream": vars(progress.copy()),  # plain data, so device transfer leaves it alone
     }
 

@@ -69,6 +69,7 @@ def held_out_batches(data: Path, index: dict, frames: int, clips: int, batch_siz
             "video": torch.cat([sample["video"] for sample in group]),  # (b, T, H, W, 3)
             "actions": torch.cat([sample["actions"] for sample in group]),  # (b, T)
             "key": [key for sample in group for key in sample["key"]],
+            "source": [source for sample in group for source in sample["source"]],
         }
 
 
@@ -81,35 +82,46 @@ def evaluate_checkpoint(
     batch_size: int,
     i3d=None,
     lpips=None,
+    device: str = "cpu",
 ) -> dict:
     data = Path(data)
     index = read_index(data)
     checkpoint, config = read_stage_checkpoint(path)
     if config["task"]["stage"] == "tokenizer":
         check_compatible(checkpoint.get("data") or {}, index["num_actions"] or 0, index, settings, data)
-        return evaluate_tokenizer(tokenizer_from(checkpoint, config), path, data, index, settings, clips, out)
-    model = world_model_from(checkpoint, config, path)
+        tokenizer = tokenizer_from(checkpoint, config).to(device)
+        return evaluate_tokenizer(tokenizer, path, data, index, settings, clips, out)
+    model = world_model_from(checkpoint, config, path).to(device)
     del checkpoint
     check_compatible(model.trained_on, model.num_actions, index, settings, data)
     per_clip: dict[str, list[torch.Tensor]] = {}
-    frames_for_video = []
+    sources: list[str] = []
+    shown: dict[str, list[torch.Tensor]] = {}  # the first few clips' frames, for videos and stills
     real_clips, generated_clips = [], []  # whole clips (context + horizon), for FVD
     progress = tqdm(total=clips, unit="clip", desc=f"eval {Path(path).name}")
     for batch in held_out_batches(data, index, settings.context + settings.horizon, clips, batch_size):
-        scores, predicted = score_batch(model, batch, settings, lpips)
+        scores, frames = score_batch(model, batch, settings, lpips)
         for name, values in scores.items():
             per_clip.setdefault(name, []).append(values)
+        sources += batch["source"]
         span = batch["video"][:, : settings.context + settings.horizon]
         real_clips.append(span)
-        generated_clips.append(torch.cat([span[:, : settings.context], predicted], dim=1))
-        if len(frames_for_video) < VIDEO_CLIPS:
-            truth = batch["video"][:, settings.context : settings.context + settings.horizon]
-            frames_for_video.extend(torch.cat([truth, predicted], dim=3))  # each (horizon, H, 2W, 3)
+        generated_clips.append(torch.cat([span[:, : settings.context], frames["model"]], dim=1))
+        if len(shown.get("truth", [])) < VIDEO_CLIPS:
+            for name, clip_frames in frames.items():
+                shown.setdefault(name, []).extend(clip_frames)  # each (horizon, H, W, 3)
         progress.update(len(batch["key"]))
     progress.close()
     if not per_clip:
         raise EvalError(f"{data} has no validation clips")
-    report = summarize({name: torch.cat(values) for name, values in per_clip.items()}, settings)
+    per_clip = {name: torch.cat(values) for name, values in per_clip.items()}
+    report = summarize(per_clip, settings)
+    report["by_source"] = {
+        source: summarize(
+            {name: values[[s == source for s in sources]] for name, values in per_clip.items()}, settings
+        )
+        for source in sorted(set(sources))
+    }
     report["checkpoint"] = str(path)
     report["folder"] = str(out)
     report["fvd"] = video_distance(i3d, torch.cat(real_clips), torch.cat(generated_clips))
@@ -118,24 +130,28 @@ def evaluate_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(report, out / "metrics.png")
-    save_clips(frames_for_video[:VIDEO_CLIPS], out, "rollouts", index["fps"])
+    save_clips([shown["truth"], shown["model"]], out, "rollouts", index["fps"])
+    if "random_actions" in shown:  # the same context under the true and under random actions
+        save_clips(
+            [shown["truth"], shown["model"], shown["random_actions"]], out, "controllability", index["fps"]
+        )
     return report
 
 
-def save_clips(clips: list[torch.Tensor], out: Path, stem: str, fps: float, scale: int = 2) -> None:
-    """`stem.mp4` with the clips stacked vertically, and `stem.png`, a still of each clip: a row
-    of true frames over a row of model frames. `clips`: uint8 (T, H, 2W, 3), truth | model."""
+def save_clips(rows: list[list[torch.Tensor]], out: Path, stem: str, fps: float, scale: int = 2) -> None:
+    """`stem.mp4` and `stem.png` of the first VIDEO_CLIPS clips. `rows`: for each kind of frames
+    (truth, then predictions), the clips' uint8 frames (T, H, W, 3). The video shows the kinds
+    side by side, clips stacked; the still shows, per clip, one row per kind, frames left to right."""
     import matplotlib.pyplot as plt
 
-    clips = [clip.numpy() for clip in clips]
-    (out / f"{stem}.mp4").write_bytes(encode_mp4(np.concatenate(clips, axis=1), fps=fps))
-    rows = []
-    for clip in clips:
-        width = clip.shape[2] // 2
-        for half in (clip[:, :, :width], clip[:, :, width:]):  # truth, then prediction
-            rows.append(np.concatenate(list(half), axis=1))  # frames left to right: (H, horizon * W, 3)
-        rows.append(np.full((4, rows[-1].shape[1], 3), 255, np.uint8))  # white gap between clips
-    image = np.concatenate(rows[:-1], axis=0).repeat(scale, axis=0).repeat(scale, axis=1)
+    clips = [[kind[i].numpy() for kind in rows] for i in range(min(VIDEO_CLIPS, len(rows[0])))]
+    side_by_side = [np.concatenate(kinds, axis=2) for kinds in clips]  # each (T, H, kinds * W, 3)
+    (out / f"{stem}.mp4").write_bytes(encode_mp4(np.concatenate(side_by_side, axis=1), fps=fps))
+    lines = []
+    for kinds in clips:
+        lines += [np.concatenate(list(frames), axis=1) for frames in kinds]  # each (H, T * W, 3)
+        lines.append(np.full((4, lines[-1].shape[1], 3), 255, np.uint8))  # white gap between clips
+    image = np.concatenate(lines[:-1], axis=0).repeat(scale, axis=0).repeat(scale, axis=1)
     plt.imsave(out / f"{stem}.png", image)
 
 
@@ -146,15 +162,17 @@ def evaluate_tokenizer(
     """Reconstruction of held-out clips (context + horizon frames): PSNR and SSIM per frame."""
     frames = settings.context + settings.horizon
     per_clip: dict[str, list[torch.Tensor]] = {"tokenizer_psnr": [], "tokenizer_ssim": []}
-    frames_for_video = []
+    truths, reconstructions = [], []
+    device = next(tokenizer.parameters()).device
     progress = tqdm(total=clips, unit="clip", desc=f"eval {Path(path).name}")
     for batch in held_out_batches(data, index, frames, clips, batch_size=4):
         video = batch["video"]  # (B, frames, H, W, 3)
-        reconstruction = tokenizer.decode(tokenizer.encode(video))
+        reconstruction = tokenizer.decode(tokenizer.encode(video.to(device))).cpu()
         per_clip["tokenizer_psnr"].append(psnr(reconstruction, video))
         per_clip["tokenizer_ssim"].append(ssim(reconstruction, video))
-        if len(frames_for_video) < VIDEO_CLIPS:
-            frames_for_video.extend(torch.cat([video, reconstruction], dim=3))  # each (frames, H, 2W, 3)
+        if len(truths) < VIDEO_CLIPS:
+            truths.extend(video)
+            reconstructions.extend(reconstruction)
         progress.update(len(batch["key"]))
     progress.close()
     if not per_clip["tokenizer_psnr"]:
@@ -171,7 +189,7 @@ def evaluate_tokenizer(
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-    save_clips(frames_for_video[:VIDEO_CLIPS], out, "reconstructions", index["fps"])
+    save_clips([truths, reconstructions], out, "reconstructions", index["fps"])
     return report
 
 
@@ -236,6 +254,38 @@ def plot(report: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def table(report: dict) -> str:
+    """The headline numbers as text: per source (game) and in total, at the reported horizons."""
+    if report.get("stage") == "tokenizer":
+        mean = report["mean"]
+        return (
+            f"tokenizer reconstruction of {report['clips']} held-out clips: "
+            f"PSNR {mean['tokenizer_psnr']:.2f} dB, SSIM {mean['tokenizer_ssim']:.4f}\n"
+        )
+    lines = [
+        "PSNR in dB of frames predicted h steps after the context, on held-out clips. The world model",
+        "must beat copying the last real frame (gain > 0); ΔtPSNR > 0 means its true actions predict",
+        "better than random ones (it responds to actions); the tokenizer's reconstruction is the ceiling.",
+        f"{'source':<18}{'clips':>6}{'h':>3}{'model':>8}{'copy':>8}{'gain':>7}{'tokzr':>8}{'ΔtPSNR':>8}"
+        f"{'SSIM':>8}{'copy':>8}",
+    ]
+    groups = (
+        {**report.get("by_source", {}), "all": report}
+        if len(report.get("by_source", {})) > 1
+        else {"all": report}
+    )
+    for source, summary in groups.items():
+        for horizon, values in summary["at_horizon"].items():
+            delta = values.get("delta_t_psnr")
+            lines.append(
+                f"{source[-18:]:<18}{summary['clips']:>6}{horizon:>3}{values['model_psnr']:>8.2f}"
+                f"{values['copy_last_psnr']:>8.2f}{values['model_psnr'] - values['copy_last_psnr']:>+7.2f}"
+                f"{values['tokenizer_psnr']:>8.2f}{'-' if delta is None else f'{delta:+.2f}':>8}"
+                f"{values['model_ssim']:>8.4f}{values['copy_last_ssim']:>8.4f}"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def compare(reports: list[dict], path: Path) -> str:
     """A markdown table of the checkpoints' headline numbers."""
     columns = ["model_psnr", "copy_last_psnr", "model_ssim", "tokenizer_psnr", "delta_t_psnr", "fvd"]
@@ -262,8 +312,10 @@ def evaluate(
     i3d_weights: str | None = None,
     lpips_weights: str | None = None,
     wandb_mode: str | None = None,
+    device: str = "cpu",
 ):
-    """Evaluate each checkpoint; `wandb_mode` ("offline" or "online") also logs the results to wandb."""
+    """Evaluate each checkpoint on `device`; `wandb_mode` ("offline" or "online") also logs the
+    results to wandb."""
     from worldmodel.eval.i3d import load_i3d
     from worldmodel.eval.lpips import load_lpips
 
@@ -280,7 +332,7 @@ def evaluate(
             else f"{len(reports)}_{Path(checkpoint).parent.parent.name}"
         )
         reports.append(
-            evaluate_checkpoint(checkpoint, data, settings, clips, out / name, batch_size, i3d, lpips)
+            evaluate_checkpoint(checkpoint, data, settings, clips, out / name, batch_size, i3d, lpips, device)
         )
     if len(reports) > 1:
         print(compare(reports, out / "comparison.md"))

@@ -16,7 +16,7 @@ import torch
 
 from worldmodel.data import NULL_ACTION
 from worldmodel.eval.metrics import psnr, ssim
-from worldmodel.models.dynamics import Dynamics
+from worldmodel.models.dynamics import Dynamics, DynamicsConfig
 from worldmodel.models.presets import preset
 from worldmodel.models.tokenizer import Tokenizer, TokenizerConfig
 from worldmodel.training.checkpoint import CheckpointError, net_state_dict, read_stage_checkpoint
@@ -32,6 +32,15 @@ class WorldModel:
     @property
     def num_actions(self) -> int:
         return self.dynamics.config.num_actions
+
+    def to(self, device: str | torch.device) -> WorldModel:
+        self.dynamics.to(device)
+        self.tokenizer.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.dynamics.head.weight.device
 
     @property
     def window(self) -> int:
@@ -51,9 +60,13 @@ def world_model_from(checkpoint: dict, config: dict, path: str | os.PathLike) ->
     tokenizer = Tokenizer(TokenizerConfig(**checkpoint["tokenizer"]["config"]))
     tokenizer.load_state_dict(checkpoint["tokenizer"]["state_dict"])
     weights = net_state_dict(checkpoint)
-    dynamics_config = preset(config["model"]["preset"])
-    dynamics_config.vocab_size = tokenizer.vocab_size
-    dynamics_config.num_actions = weights["action_embedding.weight"].shape[0] - 1  # last row: null action
+    if "net_config" in checkpoint:  # the architecture it was trained with
+        dynamics_config = DynamicsConfig(**checkpoint["net_config"])
+    else:  # written before checkpoints carried it
+        dynamics_config = preset(config["model"]["preset"])
+        dynamics_config.vocab_size = tokenizer.vocab_size
+        dynamics_config.num_actions = weights["action_embedding.weight"].shape[0] - 1  # last row: null
+    dynamics_config.checkpointing = False
     dynamics = Dynamics(dynamics_config)
     dynamics.load_state_dict(weights)
     return WorldModel(dynamics.eval(), tokenizer.eval(), config, checkpoint.get("data") or {})
@@ -89,21 +102,23 @@ def rollout(
 
 
 @torch.no_grad()
-def score_batch(
-    model: WorldModel, batch: dict, settings: RolloutSettings, lpips=None
-) -> tuple[dict, torch.Tensor]:
-    """Per-clip, per-step scores (each (B, horizon)) of one batch, and the model's frames.
-    `lpips`: an LPIPS network (eval/lpips.py) to add perceptual distances, or None."""
+def score_batch(model: WorldModel, batch: dict, settings: RolloutSettings, lpips=None) -> tuple[dict, dict]:
+    """Per-clip, per-step scores (each (B, horizon), on CPU) of one batch, and the frames
+    (B, horizon, H, W, 3) scored: "truth", "model" (true actions) and, where the data has
+    actions, "random_actions". `lpips`: an LPIPS network (eval/lpips.py) to add perceptual
+    distances, or None."""
     span = settings.context + settings.horizon
-    video, actions = batch["video"][:, :span], batch["actions"][:, :span]
+    device = model.device
+    video, actions = batch["video"][:, :span].to(device), batch["actions"][:, :span].to(device)
     truth = video[:, settings.context :]  # (B, horizon, H, W, 3)
-    generator = torch.Generator().manual_seed(settings.seed)
+    generator = torch.Generator(device).manual_seed(settings.seed)
     # Tokenized once: the tokenizer is causal, so the context's tokens are the clip's first ones.
     tokens = model.tokenizer.encode(video)  # (B, context + horizon, h, w)
     context = tokens[:, : settings.context]
     predicted = rollout(model, context, actions, settings, generator)
     copy_last = video[:, settings.context - 1 : settings.context].expand_as(truth)
     reconstruction = model.tokenizer.decode(tokens)[:, settings.context :]
+    frames = {"truth": truth, "model": predicted}
     scores = {
         "model_psnr": psnr(predicted, truth),
         "model_ssim": ssim(predicted, truth),
@@ -115,19 +130,24 @@ def score_batch(
         from worldmodel.eval.lpips import resize_for_lpips
 
         sized = {
-            name: resize_for_lpips(frames)
-            for name, frames in (("truth", truth), ("model", predicted), ("copy", copy_last))
+            name: resize_for_lpips(clips.cpu())
+            for name, clips in (("truth", truth), ("model", predicted), ("copy", copy_last))
         }
         scores["model_lpips"] = lpips(sized["model"], sized["truth"])
         scores["copy_last_lpips"] = lpips(sized["copy"], sized["truth"])
     if model.num_actions > 0 and bool((actions != NULL_ACTION).all()):
-        random_actions = torch.randint(0, model.num_actions, actions.shape, generator=generator)
-        randomized = rollout(
-            model, context, random_actions, settings, torch.Generator().manual_seed(settings.seed)
+        # Uniform over the whole action set at every step (Genie's ΔtPSNR): what the model does
+        # when the actions carry no information about the true frames.
+        random_actions = torch.randint(
+            0, model.num_actions, actions.shape, generator=generator, device=device
         )
+        randomized = rollout(
+            model, context, random_actions, settings, torch.Generator(device).manual_seed(settings.seed)
+        )
+        frames["random_actions"] = randomized
         scores["random_action_psnr"] = psnr(randomized, truth)
         scores["delta_t_psnr"] = scores["model_psnr"] - scores["random_action_psnr"]
-    return scores, predicted
+    return {name: values.cpu() for name, values in scores.items()}, {n: f.cpu() for n, f in frames.items()}
 
 
 @torch.no_grad()

@@ -1,14 +1,20 @@
 """Stage 2: an action-conditioned spatiotemporal transformer over token grids, trained with MaskGIT.
 
 Input: token ids (B, T, h, w), some replaced by a mask id, and one action per frame (B, T),
-action t being the one taken after frame t. The embedding of action t is added to every token of
-frame t + 1, the frame it leads to (frame 0 gets the null action's): each token being predicted
-sees the action that moved the world there directly, not only through attention to the previous
-frame. Output: logits over the tokenizer's vocabulary at every position.
+action t being the one taken after frame t, so it conditions frame t + 1, the frame it leads to
+(frame 0 gets the null action's embedding). How the action enters (`action_conditioning`):
+  - "token": its embedding is one more token of the frame, which spatial attention reads
+    (Genie reproductions found a token per frame essential);
+  - "add": its embedding is summed into every token of the frame;
+  - "adaln": it scales and shifts every normalized input of every block (DIAMOND's choice).
+Output: logits over the tokenizer's vocabulary at every position.
 
 Training masks a cosine-scheduled random fraction of the tokens of every frame but the first
-and scores the masked ones. Generation is autoregressive over frames; inside a frame, MaskGIT
-starts from all-masked and fixes the most confident tokens over a few steps.
+and scores the masked ones. With `clean_context`, each masked frame sees the clean frames
+before it (teacher forcing), as it will at inference; otherwise (Genie) it sees earlier frames
+as masked as itself. Generation is autoregressive over frames; inside a frame, MaskGIT starts
+from all-masked and fixes the most confident tokens over a few steps. Past frames never change,
+so their keys and values are computed once and cached.
 """
 
 from __future__ import annotations
@@ -18,10 +24,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from worldmodel.data import NULL_ACTION
-from worldmodel.models.layers import STTransformer
+from worldmodel.models.layers import KVCache, STTransformer, rotary_2d
+
+CONDITIONINGS = ("token", "add", "adaln")
 
 
 @dataclass
@@ -34,6 +43,7 @@ class DynamicsConfig:
     depth: int = 2
     heads: int = 4
     mlp_ratio: float = 4.0
+    action_conditioning: str = "token"  # token | add | adaln (see the module docstring)
     checkpointing: bool = False
 
     def __post_init__(self) -> None:
@@ -41,6 +51,20 @@ class DynamicsConfig:
             raise ValueError(f"model.dim {self.dim} must split into {self.heads} heads of a multiple of 4")
         if self.vocab_size < 2 or self.num_actions < 0:
             raise ValueError(f"invalid vocab_size {self.vocab_size} / num_actions {self.num_actions}")
+        if self.action_conditioning not in CONDITIONINGS:
+            raise ValueError(
+                f"action_conditioning must be one of {CONDITIONINGS}, got {self.action_conditioning!r}"
+            )
+
+
+def window_mask(
+    query_positions: torch.Tensor, key_positions: torch.Tensor, window: int | None
+) -> torch.Tensor:
+    """(Q, K) True where a frame at a query position may attend a frame at a key position: the
+    same or an earlier frame, at most `window - 1` frames back (no limit when None)."""
+    behind = query_positions[:, None] - key_positions[None, :]  # (Q, K)
+    allowed = behind >= 0
+    return allowed if window is None else allowed & (behind < window)
 
 
 class Dynamics(nn.Module):
@@ -51,7 +75,12 @@ class Dynamics(nn.Module):
         self.token_embedding = nn.Embedding(config.vocab_size + 1, config.dim)
         self.action_embedding = nn.Embedding(config.num_actions + 1, config.dim)  # last row: null action
         self.transformer = STTransformer(
-            config.dim, config.depth, config.heads, config.mlp_ratio, checkpointing=config.checkpointing
+            config.dim,
+            config.depth,
+            config.heads,
+            config.mlp_ratio,
+            checkpointing=config.checkpointing,
+            conditioned=config.action_conditioning == "adaln",
         )
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
 
@@ -64,18 +93,63 @@ class Dynamics(nn.Module):
             )
         return torch.where(actions == NULL_ACTION, self.config.num_actions, actions)
 
-    def forward(self, tokens: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, T, h, w) (mask_id where masked) + actions (B, T) -> logits (B, T, h, w, V)."""
-        x = self.token_embedding(tokens)  # (B, T, h, w, D)
+    @staticmethod
+    def leading_actions(actions: torch.Tensor) -> torch.Tensor:
+        """(B, T) actions taken after each frame -> (B, T + 1) the action that led to each
+        frame position: the null action for frame 0, action t - 1 for frame t."""
         null = torch.full_like(actions[:, :1], NULL_ACTION)
-        leading_to = torch.cat([null, actions[:, :-1]], dim=1)  # (B, T): the action before each frame
-        x = x + self.action_embedding(self.action_rows(leading_to))[:, :, None, None, :]  # over h, w
-        return self.head(self.transformer(x))
+        return torch.cat([null, actions], dim=1)
 
+    # -- the network over frame entries -------------------------------------------------------
+    def run(
+        self,
+        tokens: torch.Tensor,
+        leading: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, list]:
+        """Token ids (B, F, h, w) of frame entries at temporal `positions` (F,), each led to by
+        the action `leading` (B, F) -> hidden states (B, F, h, w, D) and their keys/values."""
+        batch, frames, height, width = tokens.shape
+        x = rearrange(self.token_embedding(tokens), "b f h w d -> b f (h w) d")  # (B, F, h*w, D)
+        action = self.action_embedding(self.action_rows(leading))  # (B, F, D)
+        angles = rotary_2d(height, width, self.config.dim // self.config.heads, tokens.device)
+        condition = None
+        if self.config.action_conditioning == "token":
+            x = torch.cat([x, action[:, :, None]], dim=2)  # (B, F, h*w + 1, D): the action token last
+            angles = torch.cat([angles, angles.new_zeros(1, angles.shape[1])])  # it has no place
+        elif self.config.action_conditioning == "add":
+            x = x + action[:, :, None]  # over every position
+        else:
+            condition = action
+        hidden, kv = self.transformer.run(x, angles, positions, mask, cache, condition)
+        grid = hidden[:, :, : height * width]  # the action token, if any, is not predicted
+        return rearrange(grid, "b f (h w) d -> b f h w d", h=height), kv  # (B, F, h, w, D)
+
+    def forward(self, tokens: torch.Tensor, actions: torch.Tensor, window: int | None = None) -> torch.Tensor:
+        """Token ids (B, T, h, w) (mask_id where masked) + actions (B, T) -> logits (B, T, h, w, V).
+        Causal in time; with `window`, each frame attends to at most window - 1 earlier ones."""
+        frames = tokens.shape[1]
+        positions = torch.arange(frames, device=tokens.device)
+        mask = None if window is None else window_mask(positions, positions, window)
+        hidden, _ = self.run(tokens, self.leading_actions(actions)[:, :frames], positions, mask)
+        return self.head(hidden)
+
+    # -- training -------------------------------------------------------------------------------
     def training_loss(
-        self, tokens: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        tokens: torch.Tensor,
+        actions: torch.Tensor,
+        generator: torch.Generator | None = None,
+        clean_context: bool = False,
+        context_noise: float = 0.0,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """MaskGIT cross-entropy on masked tokens of frames 1..T-1 (frame 0 is always context)."""
+        """MaskGIT cross-entropy on masked tokens of frames 1..T-1 (frame 0 is always context).
+
+        `clean_context`: masked frames attend to clean earlier frames (teacher forcing, twice the
+        frame entries). `context_noise`: up to this fraction of the clean context tokens is
+        replaced by random ids (a per-clip rate), so rollouts learn to recover from their errors."""
         batch, frames, height, width = tokens.shape
         device = tokens.device
         # Cosine schedule: the masked fraction of each frame is cos(pi/2 * u), u ~ U(0, 1).
@@ -84,12 +158,56 @@ class Dynamics(nn.Module):
         )
         mask = torch.rand(batch, frames, height, width, device=device, generator=generator) < fraction
         mask[:, 0] = False
-        logits = self(tokens.masked_fill(mask, self.mask_id), actions)
-        loss = F.cross_entropy(logits[mask], tokens[mask]) if mask.any() else logits.sum() * 0
+        masked_tokens = tokens.masked_fill(mask, self.mask_id)
+        leading = self.leading_actions(actions)[:, :frames]
+        positions = torch.arange(frames, device=device)
+        if clean_context:
+            context = self._noised(tokens, context_noise, generator)
+            entries = torch.cat([context, masked_tokens[:, 1:]], dim=1)  # (B, 2T - 1, h, w)
+            entry_positions = torch.cat([positions, positions[1:]])  # (2T - 1,)
+            hidden, _ = self.run(
+                entries,
+                torch.cat([leading, leading[:, 1:]], dim=1),
+                entry_positions,
+                self._teacher_forcing_mask(frames, device),
+            )
+            hidden = hidden[:, frames:]  # the masked entries of frames 1..T-1: (B, T - 1, h, w, D)
+        else:
+            hidden, _ = self.run(masked_tokens, leading, positions)
+            hidden = hidden[:, 1:]  # frame 0 is never masked: (B, T - 1, h, w, D)
+        scored = mask[:, 1:]
+        targets = tokens[:, 1:][scored]
+        logits = self.head(hidden[scored])  # only where the loss is taken: (masked, V)
+        loss = F.cross_entropy(logits.float(), targets) if scored.any() else hidden.sum() * 0
         with torch.no_grad():
-            accuracy = (logits[mask].argmax(-1) == tokens[mask]).float().mean() if mask.any() else loss
+            accuracy = (logits.argmax(-1) == targets).float().mean() if scored.any() else loss
         return loss, {"masked_accuracy": accuracy, "masked_fraction": mask[:, 1:].float().mean()}
 
+    def _noised(self, tokens: torch.Tensor, level: float, generator) -> torch.Tensor:
+        if level <= 0:
+            return tokens
+        batch = tokens.shape[0]
+        rate = level * torch.rand(batch, 1, 1, 1, device=tokens.device, generator=generator)
+        replace = torch.rand(tokens.shape, device=tokens.device, generator=generator) < rate
+        replace[:, 0] = False  # the first frame stays clean: it is the rollout's real context
+        noise = torch.randint(
+            0, self.config.vocab_size, tokens.shape, device=tokens.device, generator=generator
+        )
+        return torch.where(replace, noise, tokens)
+
+    @staticmethod
+    def _teacher_forcing_mask(frames: int, device) -> torch.Tensor:
+        """(2T - 1, 2T - 1) over [clean 0..T-1, masked 1..T-1]: clean frames are causal among
+        themselves; masked frame t sees clean frames < t and itself, nothing masked before it."""
+        clean = torch.arange(frames, device=device)
+        masked = clean[1:]
+        mask = torch.zeros(2 * frames - 1, 2 * frames - 1, dtype=torch.bool, device=device)
+        mask[:frames, :frames] = clean[:, None] >= clean[None, :]
+        mask[frames:, :frames] = masked[:, None] > clean[None, :]
+        mask[frames:, frames:] = torch.eye(frames - 1, dtype=torch.bool, device=device)
+        return mask
+
+    # -- generation -----------------------------------------------------------------------------
     @torch.no_grad()
     def generate(
         self,
@@ -101,13 +219,15 @@ class Dynamics(nn.Module):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
         window: int | None = None,
+        use_cache: bool = True,
     ) -> torch.Tensor:
         """Roll out `frames` new frames after context tokens (B, Tc, h, w) under actions.
 
         `actions` (B, >= Tc + frames - 1): action t is taken after frame t. Returns the new
-        token ids (B, frames, h, w). `window`: the most frames the model attends to at once
-        (its training clip length); older frames drop out, so rollouts can run longer than the
-        clips it was trained on. `temperature` 0 decodes greedily (the most likely token).
+        token ids (B, frames, h, w). `window`: each frame attends to at most window - 1 earlier
+        frames (the training clip length), so rollouts can run past the clips the model was
+        trained on. `temperature` 0 decodes greedily (the most likely token). `use_cache`
+        False recomputes every past frame at every step (the reference the cache must equal).
         """
         batch, context_frames, height, width = context.shape
         total = context_frames + frames
@@ -115,31 +235,51 @@ class Dynamics(nn.Module):
             raise ValueError(
                 f"{frames} new frames after {context_frames} need {total - 1} actions, got {actions.shape[1]}"
             )
-        null = torch.full((batch, 1), NULL_ACTION, dtype=actions.dtype, device=actions.device)
-        actions = torch.cat([actions[:, : total - 1], null], dim=1)[
-            :, :total
-        ]  # the last frame has no action yet
         if window is not None and window < 2:
             raise ValueError(f"window must hold at least one past frame and the new one, got {window}")
+        leading = self.leading_actions(actions[:, : total - 1])  # (B, total)
+        device = context.device
         sequence = context
-        for _ in range(frames):
-            length = sequence.shape[1]
-            start = 0 if window is None else max(0, length + 1 - window)
-            frame = self._decode_frame(
-                sequence[:, start:], actions[:, start : length + 1], steps, temperature, top_k, generator
+        cache = None
+        if use_cache:
+            cache = KVCache()
+            positions = torch.arange(context_frames, device=device)
+            _, kv = self.run(
+                context, leading[:, :context_frames], positions, window_mask(positions, positions, window)
             )
+            cache.append(kv, positions)
+        for position in range(context_frames, total):
+            if use_cache:
+                here = torch.tensor([position], device=device)
+                mask = window_mask(here, torch.cat([cache.positions, here]), window)
+
+                def logits_of(frame, here=here, mask=mask, position=position):
+                    hidden, _ = self.run(frame, leading[:, position : position + 1], here, mask, cache)
+                    return self.head(hidden[:, -1])
+            else:
+
+                def logits_of(frame, past=sequence, position=position):
+                    whole = torch.cat([past, frame], dim=1)  # (B, position + 1, h, w)
+                    return self(whole, leading[:, 1 : position + 1], window)[:, -1]
+
+            frame = self._decode_frame(logits_of, batch, height, width, steps, temperature, top_k, generator)
             sequence = torch.cat([sequence, frame], dim=1)
+            if use_cache and position < total - 1:  # the decided frame becomes context
+                _, kv = self.run(frame, leading[:, position : position + 1], here, mask, cache)
+                cache.append(kv, here)
         return sequence[:, context_frames:]
 
-    def _decode_frame(self, past, actions, steps, temperature, top_k, generator) -> torch.Tensor:
-        """MaskGIT inside one frame: (B, h, w) ids, fixing the most confident tokens each step."""
-        batch, _, height, width = past.shape
+    def _decode_frame(
+        self, logits_of, batch, height, width, steps, temperature, top_k, generator
+    ) -> torch.Tensor:
+        """MaskGIT inside one frame: (B, 1, h, w) ids, fixing the most confident tokens each step.
+        `logits_of(frame)` gives the logits (B, h, w, V) of a partly masked frame (B, 1, h, w)."""
         positions = height * width
-        frame = torch.full((batch, 1, height, width), self.mask_id, dtype=past.dtype, device=past.device)
-        fixed = torch.zeros(batch, positions, dtype=torch.bool, device=past.device)
+        device = self.head.weight.device
+        frame = torch.full((batch, 1, height, width), self.mask_id, dtype=torch.long, device=device)
+        fixed = torch.zeros(batch, positions, dtype=torch.bool, device=device)
         for step in range(steps):
-            logits = self(torch.cat([past, frame], dim=1), actions)[:, -1].flatten(1, 2)  # (B, h*w, V)
-            logits = logits.float()
+            logits = logits_of(frame).flatten(1, 2).float()  # (B, h*w, V)
             if temperature == 0:
                 probabilities = logits.softmax(-1)
                 sampled = probabilities.argmax(-1)  # (B, h*w)

@@ -9,6 +9,8 @@ T frames at a position (counted in full, as is usual for causal attention budget
 
 from __future__ import annotations
 
+import math
+
 from worldmodel.models.dynamics import DynamicsConfig
 from worldmodel.models.tokenizer import TokenizerConfig
 
@@ -27,7 +29,8 @@ def dynamics_parameters(config: DynamicsConfig) -> int:
     dim = config.dim
     embeddings = (config.vocab_size + 1) * dim + (config.num_actions + 1) * dim
     head = dim * config.vocab_size
-    return embeddings + st_transformer_parameters(dim, config.depth, config.mlp_ratio) + head
+    modulation = config.depth * (6 * dim * dim + 6 * dim) if config.action_conditioning == "adaln" else 0
+    return embeddings + st_transformer_parameters(dim, config.depth, config.mlp_ratio) + modulation + head
 
 
 def _conv(c_in: int, c_out: int, kernel: int) -> int:
@@ -55,12 +58,26 @@ def st_attention_flops(dim: int, depth: int, frames: int, tokens_per_frame: int)
     return 12 * depth * dim * (tokens_per_frame + frames)
 
 
-def dynamics_flops_per_token(config: DynamicsConfig, frames: int, tokens_per_frame: int) -> float:
-    """Training FLOPs per token (forward + backward) of the dynamics model."""
-    matmul_parameters = (
-        st_matmul_parameters(config.dim, config.depth, config.mlp_ratio) + config.dim * config.vocab_size
-    )
-    return 6 * matmul_parameters + st_attention_flops(config.dim, config.depth, frames, tokens_per_frame)
+def dynamics_flops_per_token(
+    config: DynamicsConfig, frames: int, tokens_per_frame: int, clean_context: bool = False
+) -> float:
+    """Training FLOPs per token (forward + backward) of the dynamics model, logits everywhere.
+
+    "token" conditioning adds one token per frame; "adaln" one modulation per frame and block.
+    `clean_context` (teacher forcing) runs 2T - 1 frame entries instead of T, and the logits
+    only where tokens are masked: frames 1..T-1, a 2/pi share of each on average."""
+    dim = config.dim
+    entries = tokens_per_frame + (config.action_conditioning == "token")  # per frame
+    block_flops = 6 * st_matmul_parameters(dim, config.depth, config.mlp_ratio)
+    block_flops += st_attention_flops(dim, config.depth, frames, entries)
+    block_flops *= entries / tokens_per_frame
+    if config.action_conditioning == "adaln":
+        block_flops += 6 * config.depth * 6 * dim * dim / tokens_per_frame
+    head_flops = 6 * dim * config.vocab_size
+    if clean_context:
+        block_flops *= (2 * frames - 1) / frames
+        head_flops *= (frames - 1) / frames * 2 / math.pi
+    return block_flops + head_flops
 
 
 def tokenizer_flops_per_token(config: TokenizerConfig, frames: int, tokens_per_frame: int) -> float:

@@ -121,7 +121,9 @@ class WorldModelModule(L.LightningModule):
         )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Record what the model was trained on, so evaluation can refuse data it cannot read."""
+        """Record the network's resolved architecture (loads rebuild from it, not from today's
+        presets) and what it was trained on, so evaluation can refuse data it cannot read."""
+        checkpoint["net_config"] = asdict(self.net_config)
         spec = self.trainer.datamodule.spec if self.trainer.datamodule else None
         if spec is not None:
             index = self.trainer.datamodule.index or {}
@@ -215,6 +217,8 @@ class DynamicsModule(WorldModelModule):
         dynamics_config.vocab_size = tokenizer.vocab_size
         dynamics_config.num_actions = num_actions
         dynamics_config.checkpointing = config.model.checkpointing
+        if config.model.action_conditioning is not None:
+            dynamics_config.action_conditioning = config.model.action_conditioning
         super().__init__(config, dynamics_config)
         # Frozen and kept out of the module tree: not trained, not sharded, not in the state dict
         # (it travels in the checkpoint's "tokenizer" entry instead).
@@ -230,8 +234,14 @@ class DynamicsModule(WorldModelModule):
         self.tokenizer.to(self.device)
 
     def compute_loss(self, batch, generator):
-        tokens = self.tokenizer.encode(batch["video"])  # (B, T, h, w)
-        return self.net.training_loss(tokens, batch["actions"], generator)
+        # The frozen tokenizer runs in fp32 whatever the precision of training: FSQ rounds to a
+        # grid, and bf16 would move codes across it, giving tokens that eval never sees.
+        with torch.autocast(self.device.type, enabled=False):
+            tokens = self.tokenizer.encode(batch["video"])  # (B, T, h, w)
+        task = self.config.task
+        return self.net.training_loss(
+            tokens, batch["actions"], generator, task.clean_context, task.context_noise
+        )
 
     @property
     def tokenizer_config(self):
@@ -239,7 +249,9 @@ class DynamicsModule(WorldModelModule):
 
     def flops_per_token(self, video):
         # The frozen tokenizer's forward pass is not counted: MFU is the trained model's.
-        return dynamics_flops_per_token(self.net_config, *self.token_grid(video))
+        return dynamics_flops_per_token(
+            self.net_config, *self.token_grid(video), clean_context=self.config.task.clean_context
+        )
 
     def parameter_count(self) -> int:
         return dynamics_parameters(self.net_config)

@@ -1,11 +1,14 @@
 """`worldmodel prepare atari`: record real game play with ale-py (its ROMs ship in the wheel).
 
-Each episode is played by a uniform random policy with sticky actions and frameskip, starting
-from `env.reset(seed=episode_seed)`. Frames are the observations resized to size x size;
-action t is the one taken after frame t (so it leads to frame t + 1). Episodes are cut into
-consecutive clips that never cross an episode end, encoded losslessly: replaying the recorded
-actions from the recorded seed reproduces the frames exactly. Actions use the full 18-action
-set, so one model can train on several games.
+Each episode is played by a random policy that draws an action uniformly from the full set and
+holds it for a random number of steps (uniform in 1..max_hold), with frameskip 4 and no sticky
+actions by default, starting from `env.reset(seed=episode_seed)`. Holding makes an action's
+effect large and visible (a policy that changes action every step mostly jitters in place), and
+without sticky actions the recorded action is the one the emulator executed. Frames are the
+observations resized to size x size; action t is the one taken after frame t (so it leads to
+frame t + 1). Episodes are cut into consecutive clips that never cross an episode end, encoded
+losslessly: replaying the recorded actions from the recorded seed reproduces the frames exactly.
+Actions use the full 18-action set, so one model can train on several games.
 """
 
 from __future__ import annotations
@@ -30,12 +33,19 @@ class AtariSettings:
     frames: int = 16
     size: int = 64
     frameskip: int = 4
-    sticky: float = 0.25  # repeat_action_probability
+    sticky: float = 0.0  # repeat_action_probability: the emulator repeats the previous action
+    max_hold: int = 8  # the policy holds each random action for 1..max_hold steps
     max_steps: int = 2000  # per episode; long timer games are cut here
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.frames < 1 or self.size < 1 or self.frameskip < 1 or self.max_steps < self.frames:
+        if (
+            self.frames < 1
+            or self.size < 1
+            or self.frameskip < 1
+            or self.max_hold < 1
+            or self.max_steps < self.frames
+        ):
             raise ValueError(f"invalid Atari settings: {self}")
         if not 0.0 <= self.sticky < 1.0:
             raise ValueError(f"sticky must be in [0, 1), got {self.sticky}")
@@ -81,8 +91,14 @@ def play_episode(game: str, seed: int, settings: AtariSettings, actions: Sequenc
     observation, _ = env.reset(seed=seed)
     frames, taken, rewards = [], [], []
     limit = settings.max_steps if actions is None else len(actions)
+    held = 0  # steps left of the current random action
     for step in range(limit):
-        action = int(policy.integers(env.action_space.n)) if actions is None else int(actions[step])
+        if actions is not None:
+            action = int(actions[step])
+        elif held == 0:
+            action = int(policy.integers(env.action_space.n))
+            held = int(policy.integers(1, settings.max_hold + 1))
+        held -= 1
         frames.append(resize_frame(observation, settings.size, settings.size))
         observation, reward, terminated, truncated, _ = env.step(action)
         taken.append(action)
