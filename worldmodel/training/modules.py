@@ -143,7 +143,10 @@ class WorldModelModule(L.LightningModule):
 
             optimizer = DeepSpeedCPUAdam(groups, lr=optim.lr, betas=betas, adamw_mode=True)
         else:
-            fused = self.device.type == "cuda"
+            # Fused AdamW on CUDA, except where Lightning's mixed-precision plugin clips gradients:
+            # it refuses to clip for optimizers that unscale internally, which fused ones claim to.
+            mixed = self.config.trainer.precision.endswith("-mixed")
+            fused = self.device.type == "cuda" and not (mixed and optim.grad_clip)
             optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=betas, fused=fused)
         total = optim.schedule_steps or self.config.trainer.max_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(
