@@ -24,6 +24,8 @@ demo: setup
 	$(BIN)/python train.py experiment=demo_tokenizer run_dir=$(DEMO)/tokenizer
 	$(BIN)/python train.py experiment=demo_dynamics run_dir=$(DEMO)/dynamics \
 		task.tokenizer_checkpoint=$(DEMO)/tokenizer/checkpoints/last.ckpt
+	$(BIN)/worldmodel eval $(DEMO)/dynamics/checkpoints/last.ckpt --data $(SAMPLE) \
+		--context 4 --horizon 4 --clips 8 --steps 4 --out $(DEMO)/eval
 	@echo
 	@echo "demo done. Tokenizer: $(DEMO)/tokenizer, dynamics: $(DEMO)/dynamics"
 	@echo "  checkpoints/  last.ckpt and every 100 steps;   media/  preview mp4s (truth | model)"
@@ -31,18 +33,23 @@ demo: setup
 
 # The real-data proof (README "Results on Atari"): record game play, train both stages, evaluate
 # on held-out episodes; about 50 minutes on 2 CPU cores. The recipe is the same for every game:
-# `make atari GAMES=Pong,Seaquest OUT=outputs/atari-other`.
+# `make atari GAMES=Pong,Seaquest OUT=outputs/atari-other`. ATARI_TRAIN (Hydra overrides for both
+# stages), ATARI_EVAL (eval options), EPISODES and MAX_STEPS exist for short trial runs.
 GAMES ?= Boxing,Riverraid
 OUT ?= outputs/atari
-ATARI_STEPS ?=
+EPISODES ?= 48
+MAX_STEPS ?= 500
+ATARI_TRAIN ?=
+ATARI_EVAL ?=
 atari: setup
-	$(BIN)/worldmodel prepare atari --games $(GAMES) --episodes 48 --max-steps 500 \
+	$(BIN)/worldmodel prepare atari --games $(GAMES) --episodes $(EPISODES) --max-steps $(MAX_STEPS) \
 		--frames 16 --size 64 --out $(OUT)/data
-	$(BIN)/python train.py experiment=atari_cpu/tokenizer run_dir=$(OUT)/tokenizer data.root=$(OUT)/data
+	$(BIN)/python train.py experiment=atari_cpu/tokenizer run_dir=$(OUT)/tokenizer data.root=$(OUT)/data \
+		$(ATARI_TRAIN)
 	$(BIN)/python train.py experiment=atari_cpu/dynamics run_dir=$(OUT)/dynamics data.root=$(OUT)/data \
-		task.tokenizer_checkpoint=$(OUT)/tokenizer/checkpoints/last.ckpt $(ATARI_STEPS)
+		task.tokenizer_checkpoint=$(OUT)/tokenizer/checkpoints/last.ckpt $(ATARI_TRAIN)
 	$(BIN)/worldmodel eval $(OUT)/dynamics/checkpoints/last.ckpt --data $(OUT)/data \
-		--context 4 --horizon 8 --clips 128 --steps 4 --out $(OUT)/eval
+		--context 4 --horizon 8 --clips 128 --steps 4 --out $(OUT)/eval $(ATARI_EVAL)
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -69,3 +69,35 @@ def test_info_shows_parameters_flops_and_which_strategies_fit():
     assert "64000 codes" in tokenizer.stdout and "32x32 tokens" in tokenizer.stdout
     unknown = run(str(WORLDMODEL), "info", "dynamics_huge")
     assert unknown.returncode != 0 and "dynamics_7b" in unknown.stderr
+
+
+@pytest.mark.slow
+def test_make_atari_records_the_given_games_into_the_given_folder(tmp_path):
+    """`make atari GAMES=... OUT=...`, shortened: the same targets, tiny settings."""
+    out = tmp_path / "atari"
+    tiny = (
+        "data.frames=4 data.global_batch_size=2 data.num_workers=0 trainer.max_steps=2 "
+        "trainer.val_every_n_steps=1 trainer.limit_val_batches=1 trainer.video_every_n_steps=0 logger=csv"
+    )
+    result = subprocess.run(
+        [
+            "make",
+            "atari",
+            "GAMES=Pong,Seaquest",
+            f"OUT={out}",
+            "EPISODES=2",
+            "MAX_STEPS=40",
+            f"ATARI_TRAIN={tiny}",
+            "ATARI_EVAL=--clips 2 --horizon 2 --context 2 --device cpu",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    index = json.loads((out / "data" / "dataset.json").read_text())
+    assert index["source"]["games"] == ["Pong", "Seaquest"]
+    report = json.loads((out / "eval" / "last.ckpt" / "metrics.json").read_text())
+    assert set(report["by_source"]) == {"atari/Pong", "atari/Seaquest"}
+    assert "atari/Pong" in result.stdout and (out / "eval" / "last.ckpt" / "controllability.png").exists()
