@@ -3,12 +3,14 @@
 Every variant is the whole path a user runs: `worldmodel prepare atari` -> `train.py
 experiment=atari_cpu/tokenizer` -> `train.py experiment=atari_cpu/dynamics` -> `worldmodel eval`
 on the held-out episodes, with the same step counts as `make atari`, changed by one or a few
-Hydra overrides from the recipe. Runs go in parallel (`--parallel`) on one machine; on a GPU
-(`--accelerator gpu`) the whole table takes minutes, on 2 CPU cores an hour per variant. The
-step counts, not the device, define a variant, so GPU numbers stand for the CPU recipe up to
-run-to-run spread (which the seed variants measure).
+Hydra overrides from the recipe. Runs go in parallel (`--parallel`) on one machine; on 2 CPU
+cores a variant takes an hour. The step counts, not the device, define a variant, so GPU numbers
+stand for the CPU recipe up to run-to-run spread (which the seed variants measure). On a GPU the
+runs are bound by video decoding on the host's cores: one H200 with 16 cores ran 15 variants at
+once at ~4 steps/s each, slower than 4 at a time would have been (tokens shards will remove
+the decoding).
 
-    python benchmarks/atari_ablation.py --out benchmarks/out/ablation --accelerator gpu --parallel 12
+    python benchmarks/atari_ablation.py --out benchmarks/out/ablation --accelerator gpu --parallel 4
     python benchmarks/atari_ablation.py --out /tmp/smoke --scale 0.01 --episodes 3 --only recipe
 
 Writes `results.json` (every variant's eval report) and `results.md` (the ablation table) in

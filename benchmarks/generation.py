@@ -26,14 +26,18 @@ from worldmodel.models.presets import preset  # noqa: E402
 
 
 def frames_per_second(model: Dynamics, context, actions, frames: int, steps: int, window: int, cached: bool):
-    model.generate(context, actions, 1, steps=steps, temperature=0, window=window, use_cache=cached)  # warm-up
+    model.generate(
+        context, actions, 1, steps=steps, temperature=0, window=window, use_cache=cached
+    )  # warm-up
     started = time.perf_counter()
     model.generate(context, actions, frames, steps=steps, temperature=0, window=window, use_cache=cached)
     return context.shape[0] * frames / (time.perf_counter() - started)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="dynamics_xs")
     parser.add_argument("--vocab", type=int, default=1000, help="tokenizer_debug's vocabulary")
     parser.add_argument("--clips", type=int, default=8)

@@ -62,7 +62,7 @@ def test_held_out_clips_are_spread_over_the_whole_val_split(atari_dir):
     assert len(every) >= 4
     batches = list(held_out_batches(atari_dir, index, frames=8, clips=2, batch_size=2))
     assert [len(b["key"]) for b in batches] == [2] and batches[0]["video"].shape[:2] == (2, 8)
-    assert batches[0]["key"] == every[:: len(every) // 2][:2]  # first and middle, not the first two
+    assert batches[0]["key"] == [every[0], every[-1]]  # the first and the last, not the first two
 
 
 @pytest.mark.slow
@@ -118,6 +118,9 @@ def test_eval_end_to_end_writes_every_output(atari_world_model, atari_dir, tmp_p
         assert (tmp_path / run_dir / "metrics.png").stat().st_size > 10_000
         assert (tmp_path / run_dir / "rollouts.mp4").stat().st_size > 1_000
         assert (tmp_path / run_dir / "rollouts.png").stat().st_size > 1_000
+        assert (tmp_path / run_dir / "controllability.png").stat().st_size > 1_000
+        assert set(report["by_source"]) == {"atari/Breakout"}  # conftest's game, reported on its own
+        assert report["by_source"]["atari/Breakout"]["clips"] == 3
     reconstruction = json.loads((tmp_path / "2_tokenizer" / "metrics.json").read_text())
     assert reconstruction["stage"] == "tokenizer" and reconstruction["clips"] == 3
     assert (

@@ -59,11 +59,12 @@ def check_compatible(trained_on: dict, num_actions: int, index: dict, settings: 
 
 
 def held_out_batches(data: Path, index: dict, frames: int, clips: int, batch_size: int):
-    """Batches of `clips` held-out clips spread evenly over the val split (every k-th clip), so a
-    split written game by game or video by video is scored across all of them."""
-    stride = max(1, index["splits"]["val"]["clips"] // clips)
+    """Batches of `clips` held-out clips spread evenly over the val split (from its first clip to
+    its last), so a split written game by game or video by video is scored across all of them."""
+    total = index["splits"]["val"]["clips"]
+    wanted = set(np.linspace(0, total - 1, min(clips, total)).round().astype(int).tolist())
     stream = ClipStream(shard_paths(data, "val"), ClipSpec(frames), batch_size=1, train=False)
-    chosen = itertools.islice(itertools.islice(stream, 0, None, stride), clips)
+    chosen = (sample for position, sample in enumerate(stream) if position in wanted)
     while group := list(itertools.islice(chosen, batch_size)):
         yield {
             "video": torch.cat([sample["video"] for sample in group]),  # (b, T, H, W, 3)
@@ -96,7 +97,7 @@ def evaluate_checkpoint(
     check_compatible(model.trained_on, model.num_actions, index, settings, data)
     per_clip: dict[str, list[torch.Tensor]] = {}
     sources: list[str] = []
-    shown: dict[str, list[torch.Tensor]] = {}  # the first few clips' frames, for videos and stills
+    shown: dict[str, list[torch.Tensor]] = {}  # every clip's frames; a few go into videos and stills
     real_clips, generated_clips = [], []  # whole clips (context + horizon), for FVD
     progress = tqdm(total=clips, unit="clip", desc=f"eval {Path(path).name}")
     for batch in held_out_batches(data, index, settings.context + settings.horizon, clips, batch_size):
@@ -107,9 +108,8 @@ def evaluate_checkpoint(
         span = batch["video"][:, : settings.context + settings.horizon]
         real_clips.append(span)
         generated_clips.append(torch.cat([span[:, : settings.context], frames["model"]], dim=1))
-        if len(shown.get("truth", [])) < VIDEO_CLIPS:
-            for name, clip_frames in frames.items():
-                shown.setdefault(name, []).extend(clip_frames)  # each (horizon, H, W, 3)
+        for name, clip_frames in frames.items():
+            shown.setdefault(name, []).extend(clip_frames)  # each (horizon, H, W, 3)
         progress.update(len(batch["key"]))
     progress.close()
     if not per_clip:
@@ -139,12 +139,13 @@ def evaluate_checkpoint(
 
 
 def save_clips(rows: list[list[torch.Tensor]], out: Path, stem: str, fps: float, scale: int = 2) -> None:
-    """`stem.mp4` and `stem.png` of the first VIDEO_CLIPS clips. `rows`: for each kind of frames
+    """`stem.mp4` and `stem.png` of VIDEO_CLIPS clips spread over `rows`. `rows`: for each kind of frames
     (truth, then predictions), the clips' uint8 frames (T, H, W, 3). The video shows the kinds
     side by side, clips stacked; the still shows, per clip, one row per kind, frames left to right."""
     import matplotlib.pyplot as plt
 
-    clips = [[kind[i].numpy() for kind in rows] for i in range(min(VIDEO_CLIPS, len(rows[0])))]
+    chosen = np.linspace(0, len(rows[0]) - 1, min(VIDEO_CLIPS, len(rows[0]))).round().astype(int)
+    clips = [[kind[i].numpy() for kind in rows] for i in chosen]  # spread over the split: every game
     side_by_side = [np.concatenate(kinds, axis=2) for kinds in clips]  # each (T, H, kinds * W, 3)
     (out / f"{stem}.mp4").write_bytes(encode_mp4(np.concatenate(side_by_side, axis=1), fps=fps))
     lines = []
@@ -170,9 +171,8 @@ def evaluate_tokenizer(
         reconstruction = tokenizer.decode(tokenizer.encode(video.to(device))).cpu()
         per_clip["tokenizer_psnr"].append(psnr(reconstruction, video))
         per_clip["tokenizer_ssim"].append(ssim(reconstruction, video))
-        if len(truths) < VIDEO_CLIPS:
-            truths.extend(video)
-            reconstructions.extend(reconstruction)
+        truths.extend(video)
+        reconstructions.extend(reconstruction)
         progress.update(len(batch["key"]))
     progress.close()
     if not per_clip["tokenizer_psnr"]:

@@ -66,6 +66,7 @@ def world_model_from(checkpoint: dict, config: dict, path: str | os.PathLike) ->
         dynamics_config = preset(config["model"]["preset"])
         dynamics_config.vocab_size = tokenizer.vocab_size
         dynamics_config.num_actions = weights["action_embedding.weight"].shape[0] - 1  # last row: null
+        dynamics_config.action_conditioning = "add"  # the only kind there was then
     dynamics_config.checkpointing = False
     dynamics = Dynamics(dynamics_config)
     dynamics.load_state_dict(weights)

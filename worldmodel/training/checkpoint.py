@@ -123,7 +123,7 @@ def export(path: str | os.PathLike, out: str | os.PathLike) -> Path:
         "state_dict": checkpoint["state_dict"],
         "global_step": checkpoint.get("global_step"),
     }
-    for extra in ("ema", "tokenizer", "data"):
+    for extra in ("ema", "tokenizer", "data", "net_config"):
         if extra in checkpoint:
             exported[extra] = checkpoint[extra]
     out = Path(out)
