@@ -33,17 +33,19 @@ demo: setup
 
 # The real-data proof (README "Results on Atari"): record game play, train both stages, evaluate
 # on held-out episodes; about 50 minutes on 2 CPU cores. The recipe is the same for every game:
-# `make atari GAMES=Pong,Seaquest OUT=outputs/atari-other`. ATARI_TRAIN (Hydra overrides for both
-# stages), ATARI_EVAL (eval options), EPISODES and MAX_STEPS exist for short trial runs.
+# `make atari GAMES=Pong,Seaquest OUT=outputs/atari-other`. ATARI_RECORD (prepare options),
+# ATARI_TRAIN (Hydra overrides for both stages) and ATARI_EVAL (eval options), EPISODES and
+# MAX_STEPS exist for ablations and short trial runs.
 GAMES ?= Boxing,Riverraid
 OUT ?= outputs/atari
 EPISODES ?= 48
 MAX_STEPS ?= 500
+ATARI_RECORD ?=
 ATARI_TRAIN ?=
 ATARI_EVAL ?=
 atari: setup
 	$(BIN)/worldmodel prepare atari --games $(GAMES) --episodes $(EPISODES) --max-steps $(MAX_STEPS) \
-		--frames 16 --size 64 --out $(OUT)/data
+		--frames 16 --size 64 --out $(OUT)/data $(ATARI_RECORD)
 	$(BIN)/python train.py experiment=atari_cpu/tokenizer run_dir=$(OUT)/tokenizer data.root=$(OUT)/data \
 		$(ATARI_TRAIN)
 	$(BIN)/python train.py experiment=atari_cpu/dynamics run_dir=$(OUT)/dynamics data.root=$(OUT)/data \
