@@ -7,8 +7,7 @@ Hydra overrides from the recipe. Runs go in parallel (`--parallel`) on one machi
 cores a variant takes an hour. The step counts, not the device, define a variant, so GPU numbers
 stand for the CPU recipe up to run-to-run spread (which the seed variants measure). On a GPU the
 runs are bound by video decoding on the host's cores: one H200 with 16 cores ran 15 variants at
-once at ~4 steps/s each, slower than 4 at a time would have been (tokens shards will remove
-the decoding).
+once at ~4 steps/s each; run a few at a time.
 
     python benchmarks/atari_ablation.py --out benchmarks/out/ablation --accelerator gpu --parallel 4
     python benchmarks/atari_ablation.py --out /tmp/smoke --scale 0.01 --episodes 3 --only recipe
