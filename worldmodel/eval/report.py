@@ -163,7 +163,7 @@ def evaluate_tokenizer(
     """Reconstruction of held-out clips (context + horizon frames): PSNR and SSIM per frame."""
     frames = settings.context + settings.horizon
     per_clip: dict[str, list[torch.Tensor]] = {"tokenizer_psnr": [], "tokenizer_ssim": []}
-    truths, reconstructions = [], []
+    truths, reconstructions, sources = [], [], []
     device = next(tokenizer.parameters()).device
     progress = tqdm(total=clips, unit="clip", desc=f"eval {Path(path).name}")
     for batch in held_out_batches(data, index, frames, clips, batch_size=4):
@@ -173,17 +173,26 @@ def evaluate_tokenizer(
         per_clip["tokenizer_ssim"].append(ssim(reconstruction, video))
         truths.extend(video)
         reconstructions.extend(reconstruction)
+        sources += batch["source"]
         progress.update(len(batch["key"]))
     progress.close()
     if not per_clip["tokenizer_psnr"]:
         raise EvalError(f"{data} has no validation clips")
-    per_frame = {name: torch.cat(values).mean(dim=0).tolist() for name, values in per_clip.items()}
+    per_clip = {name: torch.cat(values) for name, values in per_clip.items()}  # each (clips, frames)
+    per_frame = {name: values.mean(dim=0).tolist() for name, values in per_clip.items()}
+    by_source = {
+        source: {
+            name: float(values[[s == source for s in sources]].mean()) for name, values in per_clip.items()
+        }
+        for source in sorted(set(sources))
+    }
     report = {
         "stage": "tokenizer",
-        "clips": sum(len(values) for values in per_clip["tokenizer_psnr"]),
+        "clips": len(per_clip["tokenizer_psnr"]),
         "frames": frames,
         "per_frame": per_frame,
         "mean": {name: float(np.mean(values)) for name, values in per_frame.items()},
+        "by_source": by_source,  # means over each source's clips and frames
         "checkpoint": str(path),
         "folder": str(out),
     }
@@ -257,10 +266,10 @@ def plot(report: dict, path: Path) -> None:
 def table(report: dict) -> str:
     """The headline numbers as text: per source (game) and in total, at the reported horizons."""
     if report.get("stage") == "tokenizer":
-        mean = report["mean"]
-        return (
-            f"tokenizer reconstruction of {report['clips']} held-out clips: "
-            f"PSNR {mean['tokenizer_psnr']:.2f} dB, SSIM {mean['tokenizer_ssim']:.4f}\n"
+        groups = {**report.get("by_source", {}), "all": report["mean"]}
+        return f"tokenizer reconstruction of {report['clips']} held-out clips:\n" + "".join(
+            f"{source[-18:]:<18} PSNR {mean['tokenizer_psnr']:.2f} dB, SSIM {mean['tokenizer_ssim']:.4f}\n"
+            for source, mean in groups.items()
         )
     lines = [
         "PSNR in dB of frames predicted h steps after the context, on held-out clips. The world model",

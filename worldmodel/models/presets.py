@@ -14,6 +14,7 @@ TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
     "tokenizer_debug": TokenizerConfig(
         levels=[8, 5, 5, 5], downsample=4, channels=16, dim=32, depth=1, heads=2
     ),
+    "tokenizer_xs": TokenizerConfig(levels=[8, 5, 5, 5], downsample=4, channels=32, dim=64, depth=1, heads=4),
     "tokenizer_s": TokenizerConfig(
         levels=[8, 8, 8, 5, 5, 5], downsample=4, channels=64, dim=256, depth=4, heads=4
     ),
