@@ -54,9 +54,10 @@ SHORT_SEQUENCE = 32  # keys; below this, plain matmuls beat the fused CPU kernel
 
 
 def short_attention(q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
-    """Attention over a few keys (temporal attention over a clip's frames) as plain matmuls: on
-    CPU the fused kernel spends most of its time on tiling overhead for such short sequences
-    (2x slower training steps under a mask, measured in benchmarks/train_step.py)."""
+    """Attention over a few keys (temporal attention over a clip's frames) as plain matmuls. On
+    CPU the fused kernel's backward under an explicit mask dominated a teacher-forced dynamics_xs
+    step in bf16 (2.34 s a step with it, 1.54 s with this; fp32: 2.59 / 2.40 s;
+    `python benchmarks/atari_diagnostics.py step-time`)."""
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (N, heads, L, P + L)
     if causal:
         mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()

@@ -1,0 +1,152 @@
+"""The measurements behind README "Results on Atari": why the recipe does not beat copy-last yet.
+
+    python benchmarks/atari_diagnostics.py actions outputs/atari/dynamics/checkpoints/last.ckpt DATA
+    python benchmarks/atari_diagnostics.py flicker outputs/atari/tokenizer/checkpoints/last.ckpt DATA
+    python benchmarks/atari_diagnostics.py policy      # copy-last and still frames per hold length
+    python benchmarks/atari_diagnostics.py step-time   # a teacher-forced dynamics_xs step, fp32 / bf16
+
+DATA: the prepared folder `make atari` recorded (outputs/atari/data).
+
+actions: teacher-forced cross-entropy of a dynamics checkpoint on 32 held-out clips with the true,
+random and no actions (equal losses: the model ignores its actions). flicker: the share of tokens
+whose 4x4 pixel patch did not change between frames but whose id did. policy: copy-last PSNR at
+horizons 1 / 4 and the share of exactly repeated frames, over 6 episodes of each game, for random
+actions held 1, 4 or 8 steps. step-time: seconds per training step of dynamics_xs (8 clips x 8
+frames of 16x16 tokens, clean context) with the fused attention kernel and with plain matmuls for
+short temporal attention, in fp32 and under bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from worldmodel.data.shards import read_index  # noqa: E402
+from worldmodel.eval.report import held_out_batches  # noqa: E402
+
+
+def held_out(data: str) -> dict:
+    return next(held_out_batches(Path(data), read_index(data), frames=8, clips=32, batch_size=32))
+
+
+def actions(checkpoint: str, data: str) -> None:
+    from worldmodel.eval.rollout import load_world_model
+
+    model = load_world_model(checkpoint)
+    batch = held_out(data)
+    tokens, true = model.tokenizer.encode(batch["video"]), batch["actions"]
+    kinds = {
+        "true": true,
+        "random": torch.randint(0, model.num_actions, true.shape, generator=torch.Generator().manual_seed(0)),
+        "none": torch.full_like(true, -1),
+    }
+    for name, acts in kinds.items():
+        with torch.no_grad():  # the same 4 masks for every kind of actions
+            losses = [
+                model.dynamics.training_loss(
+                    tokens, acts, torch.Generator().manual_seed(s), clean_context=True
+                )[0]
+                for s in range(4)
+            ]
+        print(f"{name:>6} actions: cross-entropy {torch.stack(losses).mean():.4f}")
+
+
+def flicker(checkpoint: str, data: str) -> None:
+    from worldmodel.training.checkpoint import load_tokenizer
+
+    tokenizer = load_tokenizer(checkpoint)
+    video = held_out(data)["video"]  # (B, T, H, W, 3)
+    patch = tokenizer.config.downsample
+    patches = video.unfold(2, patch, patch).unfold(3, patch, patch)  # (B, T, h, w, 3, p, p)
+    moved = (patches[:, 1:] != patches[:, :-1]).flatten(4).any(-1)  # (B, T-1, h, w)
+    tokens = tokenizer.encode(video)
+    changed = tokens[:, 1:] != tokens[:, :-1]
+    print(f"patches that change: {moved.float().mean():.3f}")
+    print(f"ids that change where the patch did not: {changed[~moved].float().mean():.3f}")
+
+
+def policy() -> None:
+    from worldmodel.data.sources.atari import AtariSettings, episode_seed, play_episode
+    from worldmodel.eval.metrics import psnr
+
+    for game in ("Boxing", "Riverraid"):
+        for hold in (1, 4, 8):
+            settings = AtariSettings(max_hold=hold, max_steps=500)
+            scores = []
+            for episode in range(6):
+                frames = torch.from_numpy(
+                    play_episode(game, episode_seed(settings, game, episode), settings)[0]
+                )
+                scores.append(
+                    (
+                        psnr(frames[:-1], frames[1:]).mean(),
+                        psnr(frames[:-4], frames[4:]).mean(),
+                        (frames[1:] == frames[:-1]).flatten(1).all(-1).float().mean(),
+                    )
+                )
+            copy1, copy4, still = torch.tensor(scores).mean(0).tolist()
+            print(
+                f"{game:<10} hold 1..{hold}: copy-last {copy1:.1f} / {copy4:.1f} dB, still frames {still:.2f}"
+            )
+
+
+def step_time() -> None:
+    import worldmodel.models.layers as layers
+    from worldmodel.models.dynamics import Dynamics
+    from worldmodel.models.presets import preset
+
+    tokens, acts = torch.randint(0, 1000, (8, 8, 16, 16)), torch.randint(0, 18, (8, 8))
+    for bf16 in (False, True):
+        for short in (0, layers.SHORT_SEQUENCE):
+            layers.SHORT_SEQUENCE, default = short, layers.SHORT_SEQUENCE
+            model = Dynamics(replace(preset("dynamics_xs"), vocab_size=1000))
+            optimizer = torch.optim.AdamW(model.parameters())
+
+            def step(model=model, optimizer=optimizer, bf16=bf16):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss, _ = model.training_loss(tokens, acts, clean_context=True)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+
+            step()  # warm-up
+            started = time.perf_counter()
+            for _ in range(4):
+                step()
+            seconds = (time.perf_counter() - started) / 4
+            layers.SHORT_SEQUENCE = default
+            path = "plain matmuls" if short else "fused kernel"
+            print(f"{'bf16' if bf16 else 'fp32'}, temporal attention by {path}: {seconds:.2f} s/step")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name in ("actions", "flicker"):
+        command = commands.add_parser(name)
+        command.add_argument("checkpoint")
+        command.add_argument("data")
+    commands.add_parser("policy")
+    commands.add_parser("step-time")
+    args = parser.parse_args()
+    if args.command == "actions":
+        actions(args.checkpoint, args.data)
+    elif args.command == "flicker":
+        flicker(args.checkpoint, args.data)
+    elif args.command == "policy":
+        policy()
+    else:
+        step_time()
+
+
+if __name__ == "__main__":
+    main()
