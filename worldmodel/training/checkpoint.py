@@ -20,7 +20,6 @@ import torch
 from worldmodel.models.tokenizer import Tokenizer, TokenizerConfig
 
 CHECKPOINT_DIR = "checkpoints"
-RESUME_NAMES = ("last.ckpt", "on_exception.ckpt")  # periodic `last` and the one saved on a crash/signal
 
 
 class CheckpointError(ValueError):
@@ -28,19 +27,35 @@ class CheckpointError(ValueError):
 
 
 def resolve_resume(resume: str | None, run_dir: str | os.PathLike) -> str | None:
-    """`last` -> the newest of the run's last / on-exception checkpoints (None if there is none
-    yet, so a requeued job that never saved starts fresh); a path -> that path, which must exist."""
+    """`last` -> the run's checkpoint of the highest step recorded inside it (the newest file
+    among equal steps), or None if there is none yet, so a requeued job that never saved starts
+    fresh; a path -> that path, which must exist. Names alone mislead: a crash leaves
+    `on_exception.ckpt`, a changed interval used to leave an old `last.ckpt`."""
     if resume is None:
         return None
     if resume == "last":
         folder = Path(run_dir) / CHECKPOINT_DIR
-        candidates = [folder / name for name in RESUME_NAMES if (folder / name).exists()]
+        candidates = list(folder.glob("*.ckpt"))
         if not (folder / "last.ckpt").exists() and (folder / "last.ckpt.previous").exists():
             candidates.append(folder / "last.ckpt.previous")  # a crash between the folder swap's renames
-        return str(max(candidates, key=lambda path: path.stat().st_mtime)) if candidates else None
+        ranked = [(recorded_step(path), path.stat().st_mtime, path) for path in candidates]
+        return str(max(ranked)[2]) if ranked else None
     if not Path(resume).exists():
         raise CheckpointError(f"resume: {resume} does not exist (use resume=last or a checkpoint path)")
     return resume
+
+
+def recorded_step(path: Path) -> int:
+    """The optimizer step a checkpoint file or DeepSpeed folder records; -1 if unreadable."""
+    if path.is_dir():  # DeepSpeed: Lightning's client state sits in the model-states file
+        states = sorted(path.glob("*/mp_rank_00_model_states.pt"))
+        if not states:
+            return -1
+        path = states[0]
+    try:  # memory-mapped: the weights are not read
+        return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False)["global_step"])
+    except Exception:  # noqa: BLE001 - any unreadable checkpoint ranks last, loading it names the error
+        return -1
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:

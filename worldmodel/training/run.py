@@ -91,6 +91,10 @@ def build_trainer(config: TrainConfig) -> L.Trainer:
                 every_n_train_steps=trainer_config.checkpoint_every_n_steps,
                 save_top_k=-1,
                 save_last=True,
+                # Overwrite, never version: when the interval changes between starts, Lightning
+                # does not restore this callback's state and would write `last-v1.ckpt` beside a
+                # stale `last.ckpt`.
+                enable_version_counter=False,
             )
         )
     in_slurm = "SLURM_JOB_ID" in os.environ and "SLURM_NTASKS" in os.environ
