@@ -210,6 +210,7 @@ class TrainerConfig:
     limit_train_batches: int | None = None  # cap batches per epoch
     profiler: str | None = None  # simple | advanced | pytorch
     peak_tflops: float | None = None  # per-device peak for MFU; None = table (GPU) / measured (CPU)
+    skip_nonfinite_steps: int = 0  # skip up to N optimizer steps with a non-finite loss or gradient
 
     def __post_init__(self) -> None:
         _require(
@@ -225,6 +226,7 @@ class TrainerConfig:
             "video_every_n_steps",
             "overfit_batches",
             "limit_val_batches",
+            "skip_nonfinite_steps",
         ):
             _require(getattr(self, name) >= 0, f"trainer.{name}", f"must be >= 0, got {getattr(self, name)}")
         _require(
@@ -337,6 +339,11 @@ class TrainConfig:
             or (self.strategy.name == "deepspeed" and self.strategy.zero_stage < 3),
             "optim.ema_decay",
             "EMA needs whole weights on every rank: use ddp or deepspeed zero_stage 1/2",
+        )
+        _require(
+            not self.trainer.skip_nonfinite_steps or self.strategy.name != "deepspeed",
+            "trainer.skip_nonfinite_steps",
+            "DeepSpeed's engine owns the gradients and cannot skip a step: use strategy=ddp or 0 (stop)",
         )
 
 

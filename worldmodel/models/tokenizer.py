@@ -146,7 +146,9 @@ class Tokenizer(nn.Module):
         reconstruction = self.decode_codes(codes).float()
         loss = F.mse_loss(reconstruction, target)
         with torch.no_grad():
-            ids = self.quantizer.codes_to_ids(codes).flatten()
+            # Clamped: codes of a diverged (non-finite) step must not crash the statistics; the
+            # non-finite loss stops or skips that step (training.callbacks.NonFiniteGuard).
+            ids = self.quantizer.codes_to_ids(codes).flatten().clamp(0, self.vocab_size - 1)
             counts = torch.bincount(ids, minlength=self.vocab_size).float()
             probabilities = counts / counts.sum()
             entropy = -(probabilities[probabilities > 0] * probabilities[probabilities > 0].log()).sum()

@@ -1,4 +1,5 @@
-"""Callbacks: the data position, throughput and MFU, preview videos, preemption signals."""
+"""Callbacks: the data position, throughput and MFU, preview videos, preemption signals, the guard
+against non-finite steps."""
 
 from __future__ import annotations
 
@@ -218,11 +219,72 @@ class Preemption(L.Callback):
             raise SIGTERMException()
 
 
+class NonFiniteError(RuntimeError):
+    """Training diverged: a loss or gradient norm is not finite. The message says where and why."""
+
+
+class NonFiniteGuard(L.Callback):
+    """Stops the run at the first optimizer step whose loss or gradient norm is not finite, before
+    the optimizer applies it; or skips up to `max_skips` such steps (their gradients are dropped,
+    so AdamW leaves weights and moments untouched), counted in `train/skipped_steps`.
+
+    Every rank reaches the same decision (one all-reduce of a flag a step), so all stop together.
+    It also logs `train/grad_norm`, the norm it checks (DeepSpeed keeps its gradients: there the
+    engine's norm is logged by the module and only the loss is checked here)."""
+
+    def __init__(self, max_skips: int = 0):
+        self.max_skips = max_skips
+        self.skipped = 0
+        self._bad_loss: float | None = None  # a non-finite loss of this step's micro-batches
+
+    def on_before_backward(self, trainer, module, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss.detach()).all():
+            self._bad_loss = float(loss.detach().float().sum())
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        gradients = [p.grad for p in module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(gradients) if gradients else None
+        if norm is not None:
+            module.log("train/grad_norm", norm)
+        local = self._bad_loss is not None or (norm is not None and not torch.isfinite(norm))
+        diverged = trainer.strategy.reduce_boolean_decision(local, all=False)
+        bad_loss, self._bad_loss = self._bad_loss, None
+        if not diverged:
+            return
+        what = f"loss {bad_loss}" if bad_loss is not None else f"gradient norm {float(norm) if norm is not None else '?'}"
+        if self.skipped < self.max_skips:
+            self.skipped += 1
+            optimizer.zero_grad(set_to_none=True)  # AdamW skips parameters without gradients
+            module.log("train/skipped_steps", float(self.skipped))
+            print(
+                f"step {trainer.global_step}: non-finite {what}; step skipped "
+                f"({self.skipped} of trainer.skip_nonfinite_steps={self.max_skips})"
+            )
+            return
+        config = module.config
+        raise NonFiniteError(
+            f"training diverged at step {trainer.global_step}: non-finite {what} (on this or another "
+            f"rank). Nothing of this state is saved; resume=last restarts from the last good checkpoint. "
+            f"Likely causes: the learning rate (optim.lr={config.optim.lr}), the precision "
+            f"(trainer.precision={config.trainer.precision}), no or loose gradient clipping "
+            f"(optim.grad_clip={config.optim.grad_clip}). To ride through rare spikes instead: "
+            f"trainer.skip_nonfinite_steps=N."
+        )
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.skipped = state_dict["skipped"]
+
+
 class CheckpointOnException(OnExceptionCheckpoint):
     """Writes `on_exception.ckpt` when a run stops on an exception, where that is safe: a
     preemption (every rank stops at the same step) or a single process. An error on one rank of
     many would leave the others waiting in the save's barrier."""
 
     def on_exception(self, trainer, module, exception: BaseException) -> None:
+        if isinstance(exception, NonFiniteError):
+            return  # the state diverged: saving it would make resume=last pick it
         if isinstance(exception, SIGTERMException) or trainer.world_size == 1:
             super().on_exception(trainer, module, exception)

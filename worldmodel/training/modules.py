@@ -28,6 +28,7 @@ from worldmodel.models.flops import (
 from worldmodel.models.layers import STBlock
 from worldmodel.models.presets import preset
 from worldmodel.models.tokenizer import Tokenizer
+from worldmodel.training.checkpoint import CheckpointError
 
 
 def decay_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -122,7 +123,11 @@ class WorldModelModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Record the network's resolved architecture (loads rebuild from it, not from today's
-        presets) and what it was trained on, so evaluation can refuse data it cannot read."""
+        presets) and what it was trained on, so evaluation can refuse data it cannot read. A
+        state with non-finite weights is never written."""
+        for name, parameter in self.net.named_parameters():
+            if not torch.isfinite(parameter.detach()).all():
+                raise CheckpointError(f"refusing to save a checkpoint: weight {name} is not finite")
         checkpoint["net_config"] = asdict(self.net_config)
         spec = self.trainer.datamodule.spec if self.trainer.datamodule else None
         if spec is not None:
@@ -163,16 +168,6 @@ class WorldModelModule(L.LightningModule):
             self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
-
-    def _logging_step(self) -> bool:
-        return (self.global_step + 1) % self.trainer.log_every_n_steps == 0  # as Lightning decides
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        if not self._logging_step():  # a norm per parameter is not free: only when it is logged
-            return
-        norms = [p.grad.detach().norm() for p in self.net.parameters() if p.grad is not None]
-        if norms:  # DeepSpeed keeps its (partitioned) gradients to itself: logged from the engine
-            self.log("train/grad_norm", torch.stack(norms).norm())
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])

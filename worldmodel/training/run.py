@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from worldmodel.training.callbacks import (
     REQUEUE_SIGNALS,
     CheckpointOnException,
     DataPosition,
+    NonFiniteError,
+    NonFiniteGuard,
     Preemption,
     PreviewVideos,
     Throughput,
@@ -77,6 +80,7 @@ def build_trainer(config: TrainConfig) -> L.Trainer:
         DataPosition(),
         Throughput(trainer_config.peak_tflops),
         Preemption(),
+        NonFiniteGuard(trainer_config.skip_nonfinite_steps),
         CheckpointOnException(checkpoints, filename="on_exception"),
         PreviewVideos(trainer_config.video_every_n_steps, run_dir / "media"),
     ]
@@ -162,6 +166,10 @@ def fit(config: TrainConfig, data, module, trainer: L.Trainer, ckpt_path: str | 
                 # Leave without a result, as submitit does: its launcher waits for the requeued job.
                 raise SystemExit(-1) from None
         return trainer
+    except NonFiniteError as error:
+        if trainer.is_global_zero:
+            print(f"stopped: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
     if not config.trainer.fast_dev_run and not _saved_at(trainer, trainer.global_step):
         trainer.save_checkpoint(checkpoints / "last.ckpt")  # the final steps are never lost
     if not config.trainer.fast_dev_run and data.index is not None:
