@@ -1,6 +1,7 @@
 """Which checkpoint a run resumes from: always the newest step, whatever changed between starts."""
 
 import os
+import shutil
 import time
 
 import torch
@@ -42,3 +43,56 @@ def test_resume_last_chooses_by_the_step_inside_not_the_name_or_the_file_time(tm
     torch.save({"global_step": 300}, checkpoints / "on_exception.ckpt")
     os.utime(checkpoints / "on_exception.ckpt", (time.time() + 5, time.time() + 5))
     assert resolve_resume("last", tmp_path) == str(checkpoints / "on_exception.ckpt")
+
+
+def test_every_load_rebuilds_the_architecture_the_checkpoint_recorded(
+    tmp_path, sample_dir, tokenizer_checkpoint, monkeypatch
+):
+    from dataclasses import replace
+
+    from tests.training_helpers import composed
+    from worldmodel.eval.rollout import load_world_model
+    from worldmodel.models import presets
+    from worldmodel.training.checkpoint import load_tokenizer
+    from worldmodel.training.run import prepare, run, to_train_config
+
+    dynamics_dir = tmp_path / "dynamics"
+    overrides = ("experiment=demo_dynamics", "logger=csv", f"run_dir={dynamics_dir}", f"data.root={sample_dir}")
+    overrides += ("data.frames=4", "data.num_workers=0", "trainer.max_steps=2", "trainer.video_every_n_steps=0")
+    overrides += (f"task.tokenizer_checkpoint={tokenizer_checkpoint}", "trainer.checkpoint_every_n_steps=2")
+    run(to_train_config(composed(*overrides)))
+    dynamics_checkpoint = dynamics_dir / "checkpoints" / "last.ckpt"
+
+    torch.manual_seed(0)
+    video = torch.randint(0, 256, (1, 4, 32, 32, 3), dtype=torch.uint8)
+    tokenizer_before = load_tokenizer(tokenizer_checkpoint)
+    tokens = tokenizer_before.encode(video)
+    logits_before = load_world_model(dynamics_checkpoint).dynamics(tokens, torch.full((1, 4), -1))
+
+    # Today's presets change (wider and deeper): checkpoints keep computing what they computed.
+    tokenizers = dict(presets.TOKENIZER_PRESETS)
+    old = tokenizers["tokenizer_debug"]
+    tokenizers["tokenizer_debug"] = replace(old, channels=old.channels * 2, depth=old.depth + 1)
+    dynamics = dict(presets.DYNAMICS_PRESETS)
+    dynamics["dynamics_debug"] = replace(dynamics["dynamics_debug"], depth=3, dim=64)
+    monkeypatch.setattr(presets, "TOKENIZER_PRESETS", tokenizers)
+    monkeypatch.setattr(presets, "DYNAMICS_PRESETS", dynamics)
+
+    assert torch.equal(load_tokenizer(tokenizer_checkpoint).encode(video), tokens)
+    logits_after = load_world_model(dynamics_checkpoint).dynamics(tokens, torch.full((1, 4), -1))
+    assert torch.equal(logits_after, logits_before)
+    # Resuming builds the recorded network too, not today's preset.
+    _, module, _, resume = prepare(to_train_config(composed(*overrides, "resume=last", "trainer.max_steps=4")))
+    assert resume == str(dynamics_checkpoint)
+    assert module.net_config.depth == 2 and module.net_config.dim == 32
+    assert module.tokenizer.config.channels == old.channels
+
+
+def test_a_fresh_run_never_restores_a_checkpoint_it_was_not_asked_to(tmp_path, sample_dir, tokenizer_checkpoint):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copy(tokenizer_checkpoint, run_dir / "checkpoints" / "on_exception.ckpt")  # from a crash
+    fresh = train(run_dir, "trainer.max_steps=2", sample_dir=sample_dir)  # resume=null
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert "Restored" not in fresh.stderr
+    assert read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 2

@@ -17,9 +17,13 @@ import torch
 from worldmodel.data import NULL_ACTION
 from worldmodel.eval.metrics import psnr, ssim
 from worldmodel.models.dynamics import Dynamics, DynamicsConfig
-from worldmodel.models.presets import preset
 from worldmodel.models.tokenizer import Tokenizer, TokenizerConfig
-from worldmodel.training.checkpoint import CheckpointError, net_state_dict, read_stage_checkpoint
+from worldmodel.training.checkpoint import (
+    CheckpointError,
+    net_state_dict,
+    read_stage_checkpoint,
+    recorded_net_config,
+)
 
 
 @dataclass
@@ -60,10 +64,8 @@ def world_model_from(checkpoint: dict, config: dict, path: str | os.PathLike) ->
     tokenizer = Tokenizer(TokenizerConfig(**checkpoint["tokenizer"]["config"]))
     tokenizer.load_state_dict(checkpoint["tokenizer"]["state_dict"])
     weights = net_state_dict(checkpoint)
-    if "net_config" in checkpoint:  # the architecture it was trained with
-        dynamics_config = DynamicsConfig(**checkpoint["net_config"])
-    else:  # written before checkpoints carried it
-        dynamics_config = preset(config["model"]["preset"])
+    dynamics_config = recorded_net_config(checkpoint, config, DynamicsConfig)
+    if "net_config" not in checkpoint:  # written before checkpoints carried it
         dynamics_config.vocab_size = tokenizer.vocab_size
         dynamics_config.num_actions = weights["action_embedding.weight"].shape[0] - 1  # last row: null
         dynamics_config.action_conditioning = "add"  # the only kind there was then

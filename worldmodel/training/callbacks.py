@@ -10,7 +10,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -278,13 +277,19 @@ class NonFiniteGuard(L.Callback):
         self.skipped = state_dict["skipped"]
 
 
-class CheckpointOnException(OnExceptionCheckpoint):
-    """Writes `on_exception.ckpt` when a run stops on an exception, where that is safe: a
-    preemption (every rank stops at the same step) or a single process. An error on one rank of
-    many would leave the others waiting in the save's barrier."""
+class CheckpointOnException(L.Callback):
+    """Writes `path` when a run stops on an exception, where that is safe: a preemption (every
+    rank stops at the same step) or a single process. An error on one rank of many would leave
+    the others waiting in the save's barrier, and a diverged state is never saved.
+
+    Not Lightning's OnExceptionCheckpoint: with it, `fit(ckpt_path=None)` silently restores the
+    previous on-exception checkpoint, so a fresh run (resume=null) in the same folder resumed."""
+
+    def __init__(self, path: Path):
+        self.path = path
 
     def on_exception(self, trainer, module, exception: BaseException) -> None:
         if isinstance(exception, NonFiniteError):
             return  # the state diverged: saving it would make resume=last pick it
         if isinstance(exception, SIGTERMException) or trainer.world_size == 1:
-            super().on_exception(trainer, module, exception)
+            trainer.save_checkpoint(self.path)

@@ -47,15 +47,25 @@ def resolve_resume(resume: str | None, run_dir: str | os.PathLike) -> str | None
 
 def recorded_step(path: Path) -> int:
     """The optimizer step a checkpoint file or DeepSpeed folder records; -1 if unreadable."""
-    if path.is_dir():  # DeepSpeed: Lightning's client state sits in the model-states file
-        states = sorted(path.glob("*/mp_rank_00_model_states.pt"))
-        if not states:
-            return -1
-        path = states[0]
-    try:  # memory-mapped: the weights are not read
-        return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False)["global_step"])
+    try:
+        return int(checkpoint_header(path)["global_step"])
     except Exception:  # noqa: BLE001 - any unreadable checkpoint ranks last, loading it names the error
         return -1
+
+
+def checkpoint_header(path: str | os.PathLike) -> dict:
+    """A checkpoint's entries without reading its weights (memory-mapped); for a DeepSpeed
+    folder, Lightning's client state in the model-states file (the step, config, net_config)."""
+    path = Path(path)
+    if path.is_dir():
+        states = sorted(path.glob("*/mp_rank_00_model_states.pt"))
+        if not states:
+            raise CheckpointError(f"{path}: a folder without DeepSpeed model states")
+        path = states[0]
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(error).__name__}: {error})") from error
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
@@ -120,13 +130,20 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
 
 def tokenizer_from(checkpoint: dict, config: dict) -> Tokenizer:
-    """The tokenizer of a read tokenizer checkpoint, in eval mode."""
-    from worldmodel.models.presets import preset
-
-    tokenizer_config: TokenizerConfig = preset(config["model"]["preset"])
-    tokenizer = Tokenizer(tokenizer_config)
+    """The tokenizer of a read tokenizer checkpoint, in eval mode, built as it was trained."""
+    tokenizer = Tokenizer(recorded_net_config(checkpoint, config, TokenizerConfig))
     tokenizer.load_state_dict(net_state_dict(checkpoint))
     return tokenizer.eval()
+
+
+def recorded_net_config(checkpoint: dict, config: dict, kind: type):
+    """The architecture a checkpoint was trained with (`net_config`), never today's preset table;
+    checkpoints written before they carried it fall back to the preset they name."""
+    from worldmodel.models.presets import preset
+
+    if "net_config" in checkpoint:
+        return kind(**checkpoint["net_config"])
+    return preset(config["model"]["preset"])
 
 
 def export(path: str | os.PathLike, out: str | os.PathLike) -> Path:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from worldmodel.config import TrainConfig
-from worldmodel.models.dynamics import Dynamics
+from worldmodel.models.dynamics import Dynamics, DynamicsConfig
 from worldmodel.models.flops import (
     dynamics_flops_per_token,
     dynamics_parameters,
@@ -27,7 +27,7 @@ from worldmodel.models.flops import (
 )
 from worldmodel.models.layers import STBlock
 from worldmodel.models.presets import preset
-from worldmodel.models.tokenizer import Tokenizer
+from worldmodel.models.tokenizer import Tokenizer, TokenizerConfig
 from worldmodel.training.checkpoint import CheckpointError
 
 
@@ -132,10 +132,12 @@ class WorldModelModule(L.LightningModule):
         spec = self.trainer.datamodule.spec if self.trainer.datamodule else None
         if spec is not None:
             index = self.trainer.datamodule.index or {}
-            checkpoint["data"] = {
+            checkpoint["data"] = {  # the clips it was trained on
                 "height": spec.height,
                 "width": spec.width,
                 "frames": spec.frames,
+                "stride": spec.stride,
+                "fps": index["fps"] / spec.stride if index.get("fps") else None,
                 "num_actions": index.get("num_actions"),
             }
 
@@ -179,8 +181,9 @@ class WorldModelModule(L.LightningModule):
 class TokenizerModule(WorldModelModule):
     """Stage 1: reconstruct clips through FSQ tokens."""
 
-    def __init__(self, config: TrainConfig):
-        tokenizer_config = preset(config.model.preset)
+    def __init__(self, config: TrainConfig, recorded: dict | None = None):
+        """`recorded`: the architecture a resumed checkpoint holds (wins over today's preset)."""
+        tokenizer_config = TokenizerConfig(**recorded) if recorded else preset(config.model.preset)
         tokenizer_config.checkpointing = config.model.checkpointing
         super().__init__(config, tokenizer_config)
 
@@ -210,13 +213,19 @@ class TokenizerModule(WorldModelModule):
 class DynamicsModule(WorldModelModule):
     """Stage 2: predict masked next-frame tokens of a frozen tokenizer, given actions."""
 
-    def __init__(self, config: TrainConfig, tokenizer: Tokenizer, num_actions: int):
-        dynamics_config = preset(config.model.preset)
-        dynamics_config.vocab_size = tokenizer.vocab_size
-        dynamics_config.num_actions = num_actions
+    def __init__(
+        self, config: TrainConfig, tokenizer: Tokenizer, num_actions: int, recorded: dict | None = None
+    ):
+        """`recorded`: the architecture a resumed checkpoint holds (wins over today's preset)."""
+        if recorded:
+            dynamics_config = DynamicsConfig(**recorded)
+        else:
+            dynamics_config = preset(config.model.preset)
+            dynamics_config.vocab_size = tokenizer.vocab_size
+            dynamics_config.num_actions = num_actions
+            if config.model.action_conditioning is not None:
+                dynamics_config.action_conditioning = config.model.action_conditioning
         dynamics_config.checkpointing = config.model.checkpointing
-        if config.model.action_conditioning is not None:
-            dynamics_config.action_conditioning = config.model.action_conditioning
         super().__init__(config, dynamics_config)
         # Frozen and kept out of the module tree: not trained, not sharded, not in the state dict
         # (it travels in the checkpoint's "tokenizer" entry instead).

@@ -30,7 +30,7 @@ from worldmodel.training.callbacks import (
     PreviewVideos,
     Throughput,
 )
-from worldmodel.training.checkpoint import CHECKPOINT_DIR, load_tokenizer, resolve_resume
+from worldmodel.training.checkpoint import CHECKPOINT_DIR, checkpoint_header, load_tokenizer, resolve_resume
 from worldmodel.training.modules import DynamicsModule, TokenizerModule, WorldModelModule
 from worldmodel.training.strategy import build_strategy
 
@@ -47,11 +47,14 @@ def to_train_config(composed: DictConfig) -> TrainConfig:
         raise ConfigError(f"{key}: {message}") from None
 
 
-def build_module(config: TrainConfig, data: VideoDataModule) -> WorldModelModule:
+def build_module(config: TrainConfig, data: VideoDataModule, resume: str | None) -> WorldModelModule:
+    """The stage's module; a resumed run is rebuilt with the architecture its checkpoint records,
+    whatever today's preset table says."""
+    recorded = checkpoint_header(resume).get("net_config") if resume else None
     if config.task.stage == "tokenizer":
-        return TokenizerModule(config)
+        return TokenizerModule(config, recorded)
     tokenizer = load_tokenizer(config.task.tokenizer_checkpoint)
-    return DynamicsModule(config, tokenizer, num_actions=data.num_actions or 0)
+    return DynamicsModule(config, tokenizer, num_actions=data.num_actions or 0, recorded=recorded)
 
 
 def build_loggers(config: TrainConfig) -> list:
@@ -81,7 +84,7 @@ def build_trainer(config: TrainConfig) -> L.Trainer:
         Throughput(trainer_config.peak_tflops),
         Preemption(),
         NonFiniteGuard(trainer_config.skip_nonfinite_steps),
-        CheckpointOnException(checkpoints, filename="on_exception"),
+        CheckpointOnException(checkpoints / "on_exception.ckpt"),
         PreviewVideos(trainer_config.video_every_n_steps, run_dir / "media"),
     ]
     if config.optim.ema_decay is not None:
@@ -135,7 +138,8 @@ def prepare(config: TrainConfig) -> tuple[VideoDataModule, WorldModelModule, L.T
     L.seed_everything(config.seed, workers=True)
     overfitting = config.trainer.overfit_batches > 0  # debug=overfit: the same batches every step
     data = VideoDataModule(config.data, consume_on_yield=False, repeat_epoch=overfitting)
-    module = build_module(config, data)
+    resume = resolve_resume(config.resume, config.run_dir)
+    module = build_module(config, data, resume)
     if config.scaling.budget:
         size = run_size(config, module, data.index)
         config.trainer.max_steps = budget_steps(config, size)
@@ -144,7 +148,7 @@ def prepare(config: TrainConfig) -> tuple[VideoDataModule, WorldModelModule, L.T
             f"scaling budget {config.scaling.budget}: {size.parameters / 1e6:.3g}M parameters, "
             f"{size.tokens_per_step} tokens per step -> trainer.max_steps={config.trainer.max_steps}"
         )
-    return data, module, build_trainer(config), resolve_resume(config.resume, config.run_dir)
+    return data, module, build_trainer(config), resume
 
 
 def run(config: TrainConfig) -> L.Trainer:
