@@ -4,6 +4,7 @@ import os
 import shutil
 import time
 
+import pytest
 import torch
 
 from tests.training_helpers import train
@@ -96,3 +97,28 @@ def test_a_fresh_run_never_restores_a_checkpoint_it_was_not_asked_to(tmp_path, s
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     assert "Restored" not in fresh.stderr
     assert read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 2
+
+
+@pytest.mark.slow
+def test_deepspeed_saves_recover_from_every_leftover_of_an_interrupted_save(tmp_path, sample_dir):
+    two_ranks = ("strategy=deepspeed_zero2", "trainer.devices=2", "trainer.checkpoint_every_n_steps=2")
+    checkpoints = tmp_path / "checkpoints"
+    last = checkpoints / "last.ckpt"
+
+    def train_to(step: int) -> None:
+        result = train(tmp_path, *two_ranks, f"trainer.max_steps={step}", "resume=last", sample_dir=sample_dir, timeout=240)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        assert read_checkpoint(last)["global_step"] == step
+        assert sorted(path.name for path in checkpoints.glob("last*")) == ["last.ckpt"]
+
+    train_to(2)
+    # A crash after the renames, before the removal: a stale, non-empty `.previous`; and one
+    # mid-write: a half-written `.partial`.
+    shutil.copytree(last, checkpoints / "last.ckpt.previous")
+    (checkpoints / "last.ckpt.partial" / "checkpoint").mkdir(parents=True)
+    (checkpoints / "last.ckpt.partial" / "checkpoint" / "half").write_bytes(b"\0" * 100)
+    train_to(4)
+    # A crash between the two renames: no `last.ckpt`, the complete copy is `.previous`.
+    os.replace(last, checkpoints / "last.ckpt.previous")
+    assert read_checkpoint(resolve_resume("last", tmp_path))["global_step"] == 4
+    train_to(6)

@@ -32,22 +32,40 @@ class WorldModelDeepSpeedStrategy(DeepSpeedStrategy):
         DDPStrategy.setup_environment(self)  # everything but the CUDA check
 
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
-        """Every rank writes its shard into `<path>.partial`; rank 0 then swaps it into place."""
+        """Every rank writes its shard into `<path>.partial`; rank 0 then swaps it into place
+        through `<path>.previous`. Whatever an interrupted save left is cleared first."""
         target = Path(filepath)
         partial = target.with_name(target.name + ".partial")
-        if self.is_global_zero and partial.exists():
-            shutil.rmtree(partial)  # left by a crash mid-write: never resumed from
+        previous = target.with_name(target.name + ".previous")
+        if self.is_global_zero:
+            recover_interrupted_swap(target, partial, previous)
         self.barrier("checkpoint_clean")
         super().save_checkpoint(checkpoint, str(partial), storage_options)
         self.barrier("checkpoint_written")
         if self.is_global_zero:
-            previous = target.with_name(target.name + ".previous")
             if target.exists():
                 os.replace(target, previous)
             os.replace(partial, target)
-            if previous.exists():
-                shutil.rmtree(previous) if previous.is_dir() else previous.unlink()
+            remove(previous)
         self.barrier("checkpoint_swapped")
+
+
+def recover_interrupted_swap(target: Path, partial: Path, previous: Path) -> None:
+    """Leftovers of a save cut short: `partial` is never complete (removed); `previous` is stale
+    when `target` exists (removed), and the only complete copy when it does not (put back)."""
+    remove(partial)
+    if previous.exists():
+        if target.exists():
+            remove(previous)
+        else:
+            os.replace(previous, target)
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
 
 
 def build_strategy(config: TrainConfig) -> Strategy | str:
