@@ -122,3 +122,17 @@ def test_deepspeed_saves_recover_from_every_leftover_of_an_interrupted_save(tmp_
     os.replace(last, checkpoints / "last.ckpt.previous")
     assert read_checkpoint(resolve_resume("last", tmp_path))["global_step"] == 4
     train_to(6)
+
+
+def test_a_failed_requeue_is_reported_and_exits_non_zero(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from worldmodel.training.run import requeue_if_slurm
+
+    # A job id no controller knows (and, on a machine without SLURM, no scontrol at all).
+    monkeypatch.setenv("SLURM_JOB_ID", "999999999")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    with pytest.raises(SystemExit) as stopped:
+        requeue_if_slurm(SimpleNamespace(is_global_zero=True))
+    assert stopped.value.code == 1
+    assert "requeue failed: `scontrol requeue 999999999`" in capsys.readouterr().err

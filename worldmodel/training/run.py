@@ -205,8 +205,22 @@ def _saved_at(trainer: L.Trainer, step: int) -> bool:
 
 
 def requeue_if_slurm(trainer: L.Trainer) -> None:
+    """Put this SLURM job back in the queue; a failed requeue is an error (exit 1 with scontrol's
+    output): otherwise the job would end COMPLETED and never come back."""
     job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
-    if job and trainer.is_global_zero:
-        array_task = os.environ.get("SLURM_ARRAY_TASK_ID")
-        target = f"{job}_{array_task}" if os.environ.get("SLURM_ARRAY_JOB_ID") and array_task else job
-        subprocess.run(["scontrol", "requeue", target], check=False)
+    if not job or not trainer.is_global_zero:
+        return
+    array_task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    target = f"{job}_{array_task}" if os.environ.get("SLURM_ARRAY_JOB_ID") and array_task else job
+    try:
+        result = subprocess.run(["scontrol", "requeue", target], capture_output=True, text=True, timeout=60)
+        failure = None if result.returncode == 0 else f"exit {result.returncode}: {(result.stdout + result.stderr).strip()}"
+    except (OSError, subprocess.TimeoutExpired) as error:
+        failure = f"{type(error).__name__}: {error}"
+    if failure:
+        print(
+            f"requeue failed: `scontrol requeue {target}` ({failure}). The run is checkpointed; "
+            f"submit it again with resume=last.",
+            file=sys.stderr,
+        )
+        raise SystemExit(1)
