@@ -64,12 +64,13 @@ def test_sbatch_trains_on_two_tasks_leaves_a_checkpoint_and_eval_sbatch_scores_i
     cluster, sample_dir, tmp_path
 ):
     run_dir = tmp_path / "run"
-    overrides = (*FAST, f"data.root={sample_dir}", "trainer.max_steps=4")
-    job = submit(cluster, "train.sbatch", *overrides, log=tmp_path / "train.out", RUN_DIR=str(run_dir))
+    overrides = (*FAST, f"data.root={sample_dir}", "trainer.max_steps=4", f"run_dir={run_dir}")
+    job = submit(cluster, "train.sbatch", *overrides, log=tmp_path / "train.out")
     state = cluster.wait_for(job, {"COMPLETED"}, timeout=240)
     output = (tmp_path / "train.out").read_text()
     assert state == "COMPLETED", output[-3000:]
     assert "2 task(s), trainer=cpu" in output and "done: 4 steps" in output
+    assert f"run folder {run_dir}\n" in output  # the folder given as an override, where it really writes
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 4
     assert checkpoint["hyper_parameters"]["config"]["trainer"]["devices"] == 2  # one rank per task
