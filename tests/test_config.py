@@ -1,7 +1,9 @@
 import pytest
+import webdataset as wds
 
 from worldmodel.config import ConfigError, DataConfig, derive_batch
 from worldmodel.data.datamodule import VideoDataModule
+from worldmodel.data.pipeline import BadSample, ClipSpec, decode_sample
 
 
 @pytest.mark.parametrize(
@@ -73,3 +75,31 @@ def test_shard_urls_without_validation_urls_are_rejected_by_name():
         DataConfig(root=None, train_shards=["/x/train-{000000..000001}.tar"])
     with pytest.raises(ConfigError, match="data.seed"):
         DataConfig(seed=-1)
+
+
+def test_shard_urls_with_actions_need_the_action_space_and_out_of_range_actions_are_skipped(atari_dir):
+    urls = dict(
+        root=None,
+        train_shards=[f"{atari_dir}/train-000000.tar"],
+        val_shards=[f"{atari_dir}/val-000000.tar"],
+        frames=8,
+        global_batch_size=2,
+        num_workers=0,
+        batches_per_epoch=1,
+    )
+    with pytest.raises(
+        ConfigError, match=r"data.num_actions: the samples of .*train-000000.tar carry actions"
+    ):
+        VideoDataModule(DataConfig(**urls))
+    data = VideoDataModule(DataConfig(**urls, num_actions=18))
+    assert data.num_actions == 18
+    batch = next(iter(data.train_dataloader()))
+    assert batch["actions"].max() < 18 and batch["actions"].min() >= 0
+    with pytest.raises(ConfigError, match="data.num_actions: 4, but"):
+        VideoDataModule(DataConfig(root=str(atari_dir), frames=8, num_actions=4))
+    # A stated action set smaller than the samples use: the sample is bad (skipped and counted).
+    raw = next(iter(wds.WebDataset(urls["train_shards"], shardshuffle=False)))
+    assert decode_sample(raw, ClipSpec(8, num_actions=18), None)["actions"].shape == (8,)
+    with pytest.raises(BadSample, match="outside") as bad:
+        decode_sample(raw, ClipSpec(8, num_actions=1), None)
+    assert bad.value.cause == "actions"

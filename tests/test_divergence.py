@@ -12,7 +12,11 @@ DIVERGE = ("optim.lr=1e6", "optim.grad_clip=0", "optim.warmup_steps=1")
 
 
 def finite(checkpoint: dict) -> bool:
-    return all(torch.isfinite(value).all() for value in checkpoint["state_dict"].values() if value.is_floating_point())
+    return all(
+        torch.isfinite(value).all()
+        for value in checkpoint["state_dict"].values()
+        if value.is_floating_point()
+    )
 
 
 def test_a_diverging_run_stops_naming_the_step_and_saves_nothing_diverged(tmp_path, sample_dir):
@@ -58,4 +62,6 @@ def test_a_checkpoint_of_non_finite_weights_is_refused(tmp_path):
 
 def test_skipping_is_refused_at_startup_under_deepspeed(tmp_path):
     with pytest.raises(Exception, match="skip_nonfinite_steps"):
-        to_train_config(composed("strategy=deepspeed_zero2", "trainer.skip_nonfinite_steps=1", f"run_dir={tmp_path}"))
+        to_train_config(
+            composed("strategy=deepspeed_zero2", "trainer.skip_nonfinite_steps=1", f"run_dir={tmp_path}")
+        )

@@ -13,9 +13,7 @@ from worldmodel.training.checkpoint import read_checkpoint, resolve_resume
 
 def test_last_ckpt_stays_the_newest_when_the_checkpoint_interval_changes(tmp_path, sample_dir):
     run_dir = tmp_path / "run"
-    first = train(
-        run_dir, "trainer.max_steps=3", "trainer.checkpoint_every_n_steps=1", sample_dir=sample_dir
-    )
+    first = train(run_dir, "trainer.max_steps=3", "trainer.checkpoint_every_n_steps=1", sample_dir=sample_dir)
     assert first.returncode == 0, first.stderr[-2000:]
     # Lightning's ModelCheckpoint restores its state only when its settings match; otherwise it
     # used to write `last-v1.ckpt` and leave `last.ckpt` at step 3.
@@ -58,8 +56,18 @@ def test_every_load_rebuilds_the_architecture_the_checkpoint_recorded(
     from worldmodel.training.run import prepare, run, to_train_config
 
     dynamics_dir = tmp_path / "dynamics"
-    overrides = ("experiment=demo_dynamics", "logger=csv", f"run_dir={dynamics_dir}", f"data.root={sample_dir}")
-    overrides += ("data.frames=4", "data.num_workers=0", "trainer.max_steps=2", "trainer.video_every_n_steps=0")
+    overrides = (
+        "experiment=demo_dynamics",
+        "logger=csv",
+        f"run_dir={dynamics_dir}",
+        f"data.root={sample_dir}",
+    )
+    overrides += (
+        "data.frames=4",
+        "data.num_workers=0",
+        "trainer.max_steps=2",
+        "trainer.video_every_n_steps=0",
+    )
     overrides += (f"task.tokenizer_checkpoint={tokenizer_checkpoint}", "trainer.checkpoint_every_n_steps=2")
     run(to_train_config(composed(*overrides)))
     dynamics_checkpoint = dynamics_dir / "checkpoints" / "last.ckpt"
@@ -83,13 +91,17 @@ def test_every_load_rebuilds_the_architecture_the_checkpoint_recorded(
     logits_after = load_world_model(dynamics_checkpoint).dynamics(tokens, torch.full((1, 4), -1))
     assert torch.equal(logits_after, logits_before)
     # Resuming builds the recorded network too, not today's preset.
-    _, module, _, resume = prepare(to_train_config(composed(*overrides, "resume=last", "trainer.max_steps=4")))
+    _, module, _, resume = prepare(
+        to_train_config(composed(*overrides, "resume=last", "trainer.max_steps=4"))
+    )
     assert resume == str(dynamics_checkpoint)
     assert module.net_config.depth == 2 and module.net_config.dim == 32
     assert module.tokenizer.config.channels == old.channels
 
 
-def test_a_fresh_run_never_restores_a_checkpoint_it_was_not_asked_to(tmp_path, sample_dir, tokenizer_checkpoint):
+def test_a_fresh_run_never_restores_a_checkpoint_it_was_not_asked_to(
+    tmp_path, sample_dir, tokenizer_checkpoint
+):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     shutil.copy(tokenizer_checkpoint, run_dir / "checkpoints" / "on_exception.ckpt")  # from a crash
@@ -106,7 +118,14 @@ def test_deepspeed_saves_recover_from_every_leftover_of_an_interrupted_save(tmp_
     last = checkpoints / "last.ckpt"
 
     def train_to(step: int) -> None:
-        result = train(tmp_path, *two_ranks, f"trainer.max_steps={step}", "resume=last", sample_dir=sample_dir, timeout=240)
+        result = train(
+            tmp_path,
+            *two_ranks,
+            f"trainer.max_steps={step}",
+            "resume=last",
+            sample_dir=sample_dir,
+            timeout=240,
+        )
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
         assert read_checkpoint(last)["global_step"] == step
         assert sorted(path.name for path in checkpoints.glob("last*")) == ["last.ckpt"]

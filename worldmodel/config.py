@@ -35,6 +35,8 @@ class DataConfig:
     shuffle_buffer: int = 256  # samples held for shuffling, per worker
     seed: int = 0  # seeds shard choice, shuffling and clip starts
     max_skip_fraction: float = 0.01  # stop when more than this fraction of samples is unreadable
+    num_actions: int | None = None  # the action set's size; read from dataset.json with data.root,
+    #                                 required with data.train_shards when the samples carry actions
 
     def __post_init__(self) -> None:
         _require(

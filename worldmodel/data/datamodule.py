@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tarfile
+from pathlib import Path
+
 import lightning as L
 import webdataset as wds
 
@@ -35,6 +38,7 @@ class VideoDataModule(L.LightningDataModule):
         self._rank, self._world_size = rank, world_size
         # Shard URLs, when given, replace the prepared folder (and its dataset.json) entirely.
         self.index = read_index(config.root) if config.root and not config.train_shards else None
+        self._num_actions = self._action_space()
         self.spec = self._clip_spec()
         self.train_loader: ClipLoader | None = None
 
@@ -62,7 +66,27 @@ class VideoDataModule(L.LightningDataModule):
 
     @property
     def num_actions(self) -> int | None:
-        return self.index["num_actions"] if self.index else None
+        return self._num_actions
+
+    def _action_space(self) -> int | None:
+        """The action set's size: dataset.json's, or `data.num_actions` for shard URLs, which
+        must be set when their samples carry actions (checked on the first training shard)."""
+        stated = self.config.num_actions
+        if self.index is not None:
+            recorded = self.index["num_actions"]
+            if stated is not None and stated != recorded:
+                raise ConfigError(
+                    f"data.num_actions: {stated}, but {self.config.root}/dataset.json records {recorded}"
+                )
+            return recorded
+        if stated is None:
+            first = self._urls("train")[0]
+            if shard_has_actions(first):
+                raise ConfigError(
+                    f"data.num_actions: the samples of {first} carry actions; set data.num_actions "
+                    f"to the size of their action set (e.g. 18 for Atari's full set)"
+                )
+        return stated
 
     def _clip_spec(self) -> ClipSpec:
         cfg, index = self.config, self.index
@@ -80,6 +104,7 @@ class VideoDataModule(L.LightningDataModule):
             stride=stride,
             height=index["height"] if index else None,
             width=index["width"] if index else None,
+            num_actions=self._num_actions,
         )
         if index and spec.span > index["frames_per_clip"]:
             raise ConfigError(
@@ -124,3 +149,22 @@ class VideoDataModule(L.LightningDataModule):
     def val_dataloader(self) -> ClipLoader:
         cfg = self.config
         return ClipLoader(self._stream("val"), cfg.num_workers, cfg.max_skip_fraction)
+
+
+def shard_has_actions(url: str) -> bool:
+    """Whether the first sample of a local shard has an `actions.npy` member (False for remote
+    URLs, which are not opened here)."""
+    path = Path(url.removeprefix("file:"))
+    if not path.is_file():
+        return False
+    with tarfile.open(path) as archive:
+        first_key = None
+        for member in archive:
+            key = member.name.split(".", 1)[0]
+            if first_key is None:
+                first_key = key
+            elif key != first_key:
+                return False
+            if member.name.endswith(".actions.npy"):
+                return True
+    return False

@@ -56,6 +56,7 @@ class ClipSpec:
     stride: int = 1
     height: int | None = None  # when set, clips of another size are skipped as bad
     width: int | None = None
+    num_actions: int | None = None  # when set, clips with action ids outside it are skipped as bad
 
     @property
     def span(self) -> int:
@@ -98,6 +99,10 @@ def decode_sample(sample: dict, spec: ClipSpec, rng: np.random.Generator | None)
                 "actions", f"actions {actions.dtype}{actions.shape}, expected int ({stored_frames},)"
             )
         actions = actions[indices].astype(np.int64)
+        if spec.num_actions is not None and ((actions < NULL_ACTION) | (actions >= spec.num_actions)).any():
+            raise BadSample(
+                "actions", f"action ids {actions.min()}..{actions.max()} outside [0, {spec.num_actions})"
+            )
     else:
         actions = np.full(len(indices), NULL_ACTION, dtype=np.int64)
     source = str(meta.get("source", ""))  # e.g. "atari/Boxing": eval reports each source apart

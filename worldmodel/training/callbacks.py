@@ -250,7 +250,11 @@ class NonFiniteGuard(L.Callback):
         bad_loss, self._bad_loss = self._bad_loss, None
         if not diverged:
             return
-        what = f"loss {bad_loss}" if bad_loss is not None else f"gradient norm {float(norm) if norm is not None else '?'}"
+        what = (
+            f"loss {bad_loss}"
+            if bad_loss is not None
+            else f"gradient norm {float(norm) if norm is not None else '?'}"
+        )
         if self.skipped < self.max_skips:
             self.skipped += 1
             optimizer.zero_grad(set_to_none=True)  # AdamW skips parameters without gradients

@@ -214,7 +214,11 @@ def requeue_if_slurm(trainer: L.Trainer) -> None:
     target = f"{job}_{array_task}" if os.environ.get("SLURM_ARRAY_JOB_ID") and array_task else job
     try:
         result = subprocess.run(["scontrol", "requeue", target], capture_output=True, text=True, timeout=60)
-        failure = None if result.returncode == 0 else f"exit {result.returncode}: {(result.stdout + result.stderr).strip()}"
+        failure = (
+            None
+            if result.returncode == 0
+            else f"exit {result.returncode}: {(result.stdout + result.stderr).strip()}"
+        )
     except (OSError, subprocess.TimeoutExpired) as error:
         failure = f"{type(error).__name__}: {error}"
     if failure:
