@@ -241,3 +241,20 @@ def test_repeat_epoch_replays_the_same_batches_for_overfitting(sample_dir):
     )
     loader = ClipLoader(stream, repeat_epoch=True)
     assert take(loader, 1) == take(loader, 1)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_shards_whose_samples_are_all_bad_stop_the_run_and_the_warnings_are_summarised(tmp_path, caplog, workers):
+    foreign = []
+    for i in range(20):  # another tool's layout: its json lacks our fields
+        sample = good_sample(f"f{i}")
+        sample["json"] = {"url": "https://example.com/clip.mp4", "caption": "a clip"}
+        foreign.append(sample)
+    url = write_shard(tmp_path / "train-000000.tar", foreign)
+    stream = ClipStream([url], ClipSpec(8), 2, train=True, batches_per_epoch=5)
+    loader = ClipLoader(stream, num_workers=workers, max_skip_fraction=0.01)
+    with caplog.at_level("WARNING", logger="worldmodel.data"), pytest.raises(TooManyBadSamples) as error:
+        next(iter(loader))  # no sample ever decodes: no batch would ever come
+    assert "200 of 200 samples skipped" in str(error.value) and "json: 200" in str(error.value)
+    if workers == 0:  # (a worker process logs to its own stderr)
+        assert len(caplog.records) <= 6  # 3 one by one, then counts at 10 and 100

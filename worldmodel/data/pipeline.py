@@ -12,8 +12,9 @@ whose index is i modulo their number.
 
 Bad samples (unreadable tar members, a missing or malformed json, an undecodable or short
 video, actions that do not match the frames) are skipped, logged with key and shard, and
-counted; the run stops with a message naming the causes only when the skipped fraction passes
-`max_skip_fraction`.
+counted (the first few logged one by one, then summarised); the run stops with a message naming
+the causes when the skipped fraction passes `max_skip_fraction`, judged at every batch and, in
+each worker, as samples are read (once a minimum was read), so all-bad shards stop the run too.
 """
 
 from __future__ import annotations
@@ -122,7 +123,17 @@ class WorkerProgress:
     def skip(self, cause: str, where: str, detail: str) -> None:
         self.skipped[cause] += 1
         self.last_skip[cause] = f"{where}: {detail}"
-        log.warning("skipping %s (%s: %s)", where, cause, detail)
+        count = self.skipped[cause]
+        if count <= 3:
+            log.warning("skipping %s (%s: %s)", where, cause, detail)
+        elif count in (10, 100) or count % 1000 == 0:  # summarised, not one line per sample
+            log.warning(
+                "%d samples skipped for %s by worker %d so far; the last: %s",
+                count,
+                cause,
+                self.worker,
+                self.last_skip[cause],
+            )
 
     def copy(self) -> WorkerProgress:
         return WorkerProgress(self.worker, self.position, self.seen, dict(self.skipped), dict(self.last_skip))
@@ -164,6 +175,7 @@ class ClipStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.batches_per_epoch = batches_per_epoch
         self.resume = ResumePoint()
+        self.limit = SkipLimit()  # the loader sets its own
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -254,6 +266,11 @@ class ClipStream(IterableDataset):
         except BadSample as bad:
             where = f"{sample.get('__key__')} in {sample.get('__url__')}"
             progress.skip(bad.cause, where, bad.detail)
+            # Judged here too, as samples are read: a stream whose samples are all bad never
+            # yields a batch, so the loader's judgement at each batch would never come.
+            error = skip_limit_error([progress], self.limit)
+            if error is not None:
+                raise error
             return None
 
 
@@ -274,6 +291,35 @@ def _resampled(pool: list[str], rng: random.Random, reading: _ReadState) -> Iter
         last_count = reading.samples
         if stalled > 4 * len(pool) + 16:
             raise TooManyBadSamples(f"{stalled} shards in a row gave no readable sample: {pool[:3]}...")
+
+
+@dataclass(frozen=True)
+class SkipLimit:
+    """Stop when more than `fraction` of the samples read are bad, once `min_seen` were read."""
+
+    fraction: float = 0.01
+    min_seen: int = 200
+
+
+def skip_limit_error(
+    progress: list[WorkerProgress], limit: SkipLimit, epoch: int | None = None
+) -> TooManyBadSamples | None:
+    """The error naming the causes when the workers' skipped share passes the limit, else None."""
+    seen = sum(p.seen for p in progress)
+    skipped = dict.fromkeys(SKIP_CAUSES, 0)
+    for worker in progress:
+        for cause, count in worker.skipped.items():
+            skipped[cause] += count
+    if not seen or seen < limit.min_seen or sum(skipped.values()) / seen <= limit.fraction:
+        return None
+    examples = {cause: where for worker in progress for cause, where in worker.last_skip.items()}
+    causes = ", ".join(f"{cause}: {n}" for cause, n in skipped.items() if n)
+    when = f" in epoch {epoch}" if epoch is not None else ""
+    return TooManyBadSamples(
+        f"{sum(skipped.values())} of {seen} samples skipped ({sum(skipped.values()) / seen:.1%} > limit "
+        f"{limit.fraction:.1%}){when}; by cause: {causes}; last of each: {examples}. "
+        f"Fix or remove the shards, or raise max_skip_fraction."
+    )
 
 
 def _collate(clips: list[dict], progress: WorkerProgress) -> dict:
@@ -308,6 +354,7 @@ class ClipLoader:
         self.num_workers = num_workers
         self.max_skip_fraction = max_skip_fraction
         self.min_samples_for_check = min_samples_for_check
+        stream.limit = SkipLimit(max_skip_fraction, min_samples_for_check)
         self.auto_consume = auto_consume
         self.repeat_epoch = repeat_epoch
         self._point = ResumePoint()
@@ -361,23 +408,10 @@ class ClipLoader:
         return totals
 
     def _check_skips(self, final: bool) -> None:
-        seen = sum(p.seen for p in self._point.progress.values())
-        skipped = self.skip_counts()
-        if not seen or (not final and seen < self.min_samples_for_check):
-            return
-        fraction = sum(skipped.values()) / seen
-        if fraction > self.max_skip_fraction:
-            examples = {
-                cause: where
-                for progress in self._point.progress.values()
-                for cause, where in progress.last_skip.items()
-            }
-            causes = ", ".join(f"{cause}: {n}" for cause, n in skipped.items() if n)
-            raise TooManyBadSamples(
-                f"{sum(skipped.values())} of {seen} samples skipped ({fraction:.1%} > limit "
-                f"{self.max_skip_fraction:.1%}) in epoch {self._point.epoch}; by cause: {causes}; "
-                f"last of each: {examples}. Fix or remove the shards, or raise max_skip_fraction."
-            )
+        limit = SkipLimit(self.max_skip_fraction, 1 if final else self.min_samples_for_check)
+        error = skip_limit_error(list(self._point.progress.values()), limit, self._point.epoch)
+        if error is not None:
+            raise error
 
     def state_dict(self) -> dict:
         return {
