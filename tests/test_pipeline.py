@@ -244,7 +244,7 @@ def test_repeat_epoch_replays_the_same_batches_for_overfitting(sample_dir):
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_shards_whose_samples_are_all_bad_stop_the_run_and_the_warnings_are_summarised(tmp_path, caplog, workers):
+def test_all_bad_samples_stop_the_run_and_their_warnings_are_summarised(tmp_path, caplog, workers):
     foreign = []
     for i in range(20):  # another tool's layout: its json lacks our fields
         sample = good_sample(f"f{i}")

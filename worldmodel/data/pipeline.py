@@ -270,7 +270,7 @@ class ClipStream(IterableDataset):
             # yields a batch, so the loader's judgement at each batch would never come.
             error = skip_limit_error([progress], self.limit)
             if error is not None:
-                raise error
+                raise error from None
             return None
 
 
