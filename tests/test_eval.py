@@ -210,3 +210,33 @@ def test_generate_continues_a_real_video_under_given_actions(atari_world_model, 
         timeout=300,
     )
     assert bad.returncode == 2 and "--actions must be ids in [0, 18)" in bad.stderr
+
+
+def test_loads_use_the_ema_weights_where_training_kept_them(tokenizer_checkpoint, tmp_path):
+    import torch
+
+    from worldmodel.training.checkpoint import load_tokenizer, net_state_dict, read_checkpoint
+
+    checkpoint = read_checkpoint(tokenizer_checkpoint)
+    raw = net_state_dict(checkpoint, "raw")
+    checkpoint["ema"] = {name: value.float() + 1 for name, value in raw.items() if value.is_floating_point()}
+    path = tmp_path / "with_ema.ckpt"
+    torch.save(checkpoint, path)
+    for name, value in load_tokenizer(path).state_dict().items():
+        assert torch.equal(value, checkpoint["ema"].get(name, raw[name])), name
+    for name, value in load_tokenizer(path, "raw").state_dict().items():
+        assert torch.equal(value, raw[name]), name
+
+
+def test_eval_samples_clips_at_the_stride_the_model_was_trained_on(atari_dir):
+    from worldmodel.data.shards import read_index
+    from worldmodel.eval.report import held_out_batches, trained_stride
+
+    index = read_index(atari_dir)
+    assert trained_stride({"stride": 2}, index) == 2
+    assert trained_stride({"fps": index["fps"] / 2, "stride": 1}, index) == 2  # the rate decides
+    assert trained_stride({}, index) == 1  # checkpoints that recorded neither
+    dense = next(held_out_batches(atari_dir, index, frames=8, clips=1, batch_size=1))
+    sparse = next(held_out_batches(atari_dir, index, frames=4, clips=1, batch_size=1, stride=2))
+    assert (sparse["video"] == dense["video"][:, ::2]).all()
+    assert (sparse["actions"] == dense["actions"][:, ::2]).all()

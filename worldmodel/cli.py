@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--wandb", choices=("offline", "online"), default=None, help="also log results to wandb"
     )
+    evaluate.add_argument(
+        "--weights", choices=("ema", "raw"), default="ema", help="the EMA where training kept one, or raw"
+    )
 
     generate = commands.add_parser("generate", help="play the world model: continue a video under actions")
     generate.add_argument("checkpoint", help="a dynamics checkpoint")
@@ -99,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
     generate.add_argument("--top-k", type=int, default=None)
     generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument(
+        "--weights", choices=("ema", "raw"), default="ema", help="the EMA where training kept one, or raw"
+    )
     generate.add_argument("--out", default="rollout.mp4")
 
     export = commands.add_parser(
@@ -236,7 +242,7 @@ def _generate(args: argparse.Namespace) -> None:
     actions = [int(action) for action in args.actions.split(",") if action.strip()]
     frames = args.frames or len(actions)
     actions = (actions * frames)[:frames]  # repeat the given sequence to the requested length
-    model = load_world_model(args.checkpoint)
+    model = load_world_model(args.checkpoint, args.weights)
     settings = RolloutSettings(
         maskgit_steps=args.steps, temperature=args.temperature, top_k=args.top_k, seed=args.seed
     )
@@ -287,6 +293,7 @@ def _run(args: argparse.Namespace) -> None:
             lpips_weights=args.lpips,
             wandb_mode=args.wandb,
             device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+            weights=args.weights,
         )
         for report in reports:
             print(f"{report['checkpoint']}:")

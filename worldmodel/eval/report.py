@@ -34,14 +34,25 @@ class EvalError(ValueError):
     """Data or settings a checkpoint cannot be evaluated with; the message names the mismatch."""
 
 
+def trained_stride(trained_on: dict, index: dict) -> int:
+    """Clips are sampled as the model was trained: at its frame rate where both are known, else
+    at its recorded stride (1 for checkpoints that recorded neither)."""
+    if trained_on.get("fps") and index.get("fps"):
+        return max(1, round(index["fps"] / trained_on["fps"]))
+    return int(trained_on.get("stride") or 1)
+
+
 def check_compatible(trained_on: dict, num_actions: int, index: dict, settings: RolloutSettings, data: Path):
     needed = settings.context + settings.horizon
+    stride = trained_stride(trained_on, index)
+    span = (needed - 1) * stride + 1
     if settings.context < 1:
         raise EvalError(f"--context must be >= 1, got {settings.context}")
-    if needed > index["frames_per_clip"]:
+    if span > index["frames_per_clip"]:
         raise EvalError(
-            f"--context {settings.context} + --horizon {settings.horizon} = {needed} frames, but clips in "
-            f"{data} have {index['frames_per_clip']}: lower --horizon"
+            f"--context {settings.context} + --horizon {settings.horizon} = {needed} frames at the "
+            f"trained stride {stride} span {span} stored frames, but clips in {data} have "
+            f"{index['frames_per_clip']}: lower --horizon"
         )
     if trained_on.get("height") and (trained_on["height"], trained_on["width"]) != (
         index["height"],
@@ -58,12 +69,13 @@ def check_compatible(trained_on: dict, num_actions: int, index: dict, settings: 
         )
 
 
-def held_out_batches(data: Path, index: dict, frames: int, clips: int, batch_size: int):
+def held_out_batches(data: Path, index: dict, frames: int, clips: int, batch_size: int, stride: int = 1):
     """Batches of `clips` held-out clips spread evenly over the val split (from its first clip to
-    its last), so a split written game by game or video by video is scored across all of them."""
+    its last), so a split written game by game or video by video is scored across all of them;
+    `frames` frames every `stride` stored frames from each clip's start."""
     total = index["splits"]["val"]["clips"]
     wanted = set(np.linspace(0, total - 1, min(clips, total)).round().astype(int).tolist())
-    stream = ClipStream(shard_paths(data, "val"), ClipSpec(frames), batch_size=1, train=False)
+    stream = ClipStream(shard_paths(data, "val"), ClipSpec(frames, stride), batch_size=1, train=False)
     chosen = (sample for position, sample in enumerate(stream) if position in wanted)
     while group := list(itertools.islice(chosen, batch_size)):
         yield {
@@ -84,15 +96,18 @@ def evaluate_checkpoint(
     i3d=None,
     lpips=None,
     device: str = "cpu",
+    weights: str = "ema",
 ) -> dict:
     data = Path(data)
     index = read_index(data)
     checkpoint, config = read_stage_checkpoint(path)
+    trained_on = checkpoint.get("data") or {}
+    stride = trained_stride(trained_on, index)
     if config["task"]["stage"] == "tokenizer":
-        check_compatible(checkpoint.get("data") or {}, index["num_actions"] or 0, index, settings, data)
-        tokenizer = tokenizer_from(checkpoint, config).to(device)
-        return evaluate_tokenizer(tokenizer, path, data, index, settings, clips, out)
-    model = world_model_from(checkpoint, config, path).to(device)
+        check_compatible(trained_on, index["num_actions"] or 0, index, settings, data)
+        tokenizer = tokenizer_from(checkpoint, config, weights).to(device)
+        return evaluate_tokenizer(tokenizer, path, data, index, settings, clips, out, stride)
+    model = world_model_from(checkpoint, config, path, weights).to(device)
     del checkpoint
     check_compatible(model.trained_on, model.num_actions, index, settings, data)
     per_clip: dict[str, list[torch.Tensor]] = {}
@@ -100,7 +115,9 @@ def evaluate_checkpoint(
     shown: dict[str, list[torch.Tensor]] = {}  # every clip's frames; a few go into videos and stills
     real_clips, generated_clips = [], []  # whole clips (context + horizon), for FVD
     progress = tqdm(total=clips, unit="clip", desc=f"eval {Path(path).name}")
-    for batch in held_out_batches(data, index, settings.context + settings.horizon, clips, batch_size):
+    for batch in held_out_batches(
+        data, index, settings.context + settings.horizon, clips, batch_size, stride
+    ):
         scores, frames = score_batch(model, batch, settings, lpips)
         for name, values in scores.items():
             per_clip.setdefault(name, []).append(values)
@@ -158,7 +175,14 @@ def save_clips(rows: list[list[torch.Tensor]], out: Path, stem: str, fps: float,
 
 @torch.no_grad()
 def evaluate_tokenizer(
-    tokenizer, path, data: Path, index: dict, settings: RolloutSettings, clips: int, out: Path
+    tokenizer,
+    path,
+    data: Path,
+    index: dict,
+    settings: RolloutSettings,
+    clips: int,
+    out: Path,
+    stride: int = 1,
 ):
     """Reconstruction of held-out clips (context + horizon frames): PSNR and SSIM per frame."""
     frames = settings.context + settings.horizon
@@ -166,7 +190,7 @@ def evaluate_tokenizer(
     truths, reconstructions, sources = [], [], []
     device = next(tokenizer.parameters()).device
     progress = tqdm(total=clips, unit="clip", desc=f"eval {Path(path).name}")
-    for batch in held_out_batches(data, index, frames, clips, batch_size=4):
+    for batch in held_out_batches(data, index, frames, clips, batch_size=4, stride=stride):
         video = batch["video"]  # (B, frames, H, W, 3)
         reconstruction = tokenizer.decode(tokenizer.encode(video.to(device))).cpu()
         per_clip["tokenizer_psnr"].append(psnr(reconstruction, video))
@@ -322,6 +346,7 @@ def evaluate(
     lpips_weights: str | None = None,
     wandb_mode: str | None = None,
     device: str = "cpu",
+    weights: str = "ema",
 ):
     """Evaluate each checkpoint on `device`; `wandb_mode` ("offline" or "online") also logs the
     results to wandb."""
@@ -341,7 +366,9 @@ def evaluate(
             else f"{len(reports)}_{Path(checkpoint).parent.parent.name}"
         )
         reports.append(
-            evaluate_checkpoint(checkpoint, data, settings, clips, out / name, batch_size, i3d, lpips, device)
+            evaluate_checkpoint(
+                checkpoint, data, settings, clips, out / name, batch_size, i3d, lpips, device, weights
+            )
         )
     if len(reports) > 1:
         print(compare(reports, out / "comparison.md"))

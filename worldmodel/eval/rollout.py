@@ -52,26 +52,29 @@ class WorldModel:
         return int(self.config["data"]["frames"])
 
 
-def load_world_model(path: str | os.PathLike) -> WorldModel:
-    """A dynamics checkpoint (file, DeepSpeed folder or export) with the tokenizer it embeds."""
-    return world_model_from(*read_stage_checkpoint(path, "dynamics"), path)
+def load_world_model(path: str | os.PathLike, weights: str = "ema") -> WorldModel:
+    """A dynamics checkpoint (file, DeepSpeed folder or export) with the tokenizer it embeds;
+    `weights`: the EMA where training kept one (default), or "raw"."""
+    return world_model_from(*read_stage_checkpoint(path, "dynamics"), path, weights)
 
 
-def world_model_from(checkpoint: dict, config: dict, path: str | os.PathLike) -> WorldModel:
+def world_model_from(
+    checkpoint: dict, config: dict, path: str | os.PathLike, weights: str = "ema"
+) -> WorldModel:
     """The world model of a read dynamics checkpoint, in eval mode."""
     if "tokenizer" not in checkpoint:
         raise CheckpointError(f"{path}: dynamics checkpoint without its tokenizer entry")
     tokenizer = Tokenizer(TokenizerConfig(**checkpoint["tokenizer"]["config"]))
     tokenizer.load_state_dict(checkpoint["tokenizer"]["state_dict"])
-    weights = net_state_dict(checkpoint)
+    state = net_state_dict(checkpoint, weights)
     dynamics_config = recorded_net_config(checkpoint, config, DynamicsConfig)
     if "net_config" not in checkpoint:  # written before checkpoints carried it
         dynamics_config.vocab_size = tokenizer.vocab_size
-        dynamics_config.num_actions = weights["action_embedding.weight"].shape[0] - 1  # last row: null
+        dynamics_config.num_actions = state["action_embedding.weight"].shape[0] - 1  # last row: null
         dynamics_config.action_conditioning = "add"  # the only kind there was then
     dynamics_config.checkpointing = False
     dynamics = Dynamics(dynamics_config)
-    dynamics.load_state_dict(weights)
+    dynamics.load_state_dict(state)
     return WorldModel(dynamics.eval(), tokenizer.eval(), config, checkpoint.get("data") or {})
 
 

@@ -104,13 +104,23 @@ def checkpoint_config(checkpoint: dict, path: str | os.PathLike) -> dict:
         ) from error
 
 
-def net_state_dict(checkpoint: dict) -> dict:
-    """The network's weights: the module's `net.*` entries without the prefix."""
-    return {
+WEIGHTS = ("ema", "raw")
+
+
+def net_state_dict(checkpoint: dict, weights: str = "ema") -> dict:
+    """The network's weights: the module's `net.*` entries without the prefix; with
+    `weights="ema"`, the parameters' moving average where training kept one (`optim.ema_decay`),
+    as every load (eval, generate, the dynamics stage's tokenizer) uses by default."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    state = {
         key.removeprefix("net."): value
         for key, value in checkpoint["state_dict"].items()
         if key.startswith("net.")
     }
+    if weights == "ema" and checkpoint.get("ema"):
+        state.update({name: value.to(state[name].dtype) for name, value in checkpoint["ema"].items()})
+    return state
 
 
 def read_stage_checkpoint(path: str | os.PathLike, stage: str | None = None) -> tuple[dict, dict]:
@@ -124,15 +134,15 @@ def read_stage_checkpoint(path: str | os.PathLike, stage: str | None = None) -> 
     return checkpoint, config
 
 
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+def load_tokenizer(path: str | os.PathLike, weights: str = "ema") -> Tokenizer:
     """A trained tokenizer from a tokenizer checkpoint (file, DeepSpeed folder or export)."""
-    return tokenizer_from(*read_stage_checkpoint(path, "tokenizer"))
+    return tokenizer_from(*read_stage_checkpoint(path, "tokenizer"), weights)
 
 
-def tokenizer_from(checkpoint: dict, config: dict) -> Tokenizer:
+def tokenizer_from(checkpoint: dict, config: dict, weights: str = "ema") -> Tokenizer:
     """The tokenizer of a read tokenizer checkpoint, in eval mode, built as it was trained."""
     tokenizer = Tokenizer(recorded_net_config(checkpoint, config, TokenizerConfig))
-    tokenizer.load_state_dict(net_state_dict(checkpoint))
+    tokenizer.load_state_dict(net_state_dict(checkpoint, weights))
     return tokenizer.eval()
 
 
