@@ -155,3 +155,68 @@ def test_a_failed_requeue_is_reported_and_exits_non_zero(monkeypatch, capsys):
         requeue_if_slurm(SimpleNamespace(is_global_zero=True))
     assert stopped.value.code == 1
     assert "requeue failed: `scontrol requeue 999999999`" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_preempted_dynamics_run_with_ema_resumes_exactly(tmp_path, atari_dir, tokenizer_checkpoint):
+    import signal
+
+    from tests.training_helpers import logged, start_training
+
+    dynamics = (
+        "task=dynamics",
+        "model=dynamics_debug",
+        f"task.tokenizer_checkpoint={tokenizer_checkpoint}",
+        "optim.ema_decay=0.5",
+        "optim.schedule_steps=6",
+        "trainer.max_steps=6",
+        "trainer.checkpoint_every_n_steps=0",
+        "data.num_workers=1",
+    )
+    full = train(tmp_path / "full", *dynamics, sample_dir=atari_dir)
+    assert full.returncode == 0, full.stderr[-2000:]
+    process = start_training(tmp_path / "cut", *dynamics, sample_dir=atari_dir)
+    deadline = time.time() + 120
+    while time.time() < deadline and max(logged(tmp_path / "cut", "train/loss"), default=-1) < 1:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0 and "preempted at step" in output, output[-2000:]
+    stopped_at = int(output.split("preempted at step ")[1].split(";")[0])
+    assert stopped_at < 6
+    resumed = train(tmp_path / "cut", *dynamics, "resume=last", sample_dir=atari_dir)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    expected, after = logged(tmp_path / "full", "train/loss"), logged(tmp_path / "cut", "train/loss")
+    assert sorted(after) == list(range(stopped_at, 6))
+    assert [after[step] for step in after] == [expected[step] for step in after]
+    final_full = read_checkpoint(tmp_path / "full" / "checkpoints" / "last.ckpt")
+    final_cut = read_checkpoint(tmp_path / "cut" / "checkpoints" / "last.ckpt")
+    for entry in ("state_dict", "ema"):
+        for name, value in final_full[entry].items():
+            assert torch.equal(value, final_cut[entry][name]), (entry, name)
+
+
+@pytest.mark.slow
+def test_the_dynamics_stage_trains_alike_under_ddp_and_zero3_on_two_processes(
+    tmp_path, atari_dir, tokenizer_checkpoint
+):
+    from tests.training_helpers import logged
+
+    losses = {}
+    for strategy in ("ddp", "deepspeed_zero3"):
+        result = train(
+            tmp_path / strategy,
+            "task=dynamics",
+            "model=dynamics_debug",
+            f"task.tokenizer_checkpoint={tokenizer_checkpoint}",
+            f"strategy={strategy}",
+            "trainer.devices=2",
+            "trainer.max_steps=4",
+            "trainer.checkpoint_every_n_steps=0",
+            sample_dir=atari_dir,
+        )
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        losses[strategy] = logged(tmp_path / strategy, "train/loss")
+    assert sorted(losses["ddp"]) == [0, 1, 2, 3]
+    for step, loss in losses["ddp"].items():
+        assert losses["deepspeed_zero3"][step] == pytest.approx(loss, rel=1e-5), step

@@ -79,16 +79,18 @@ def build_trainer(config: TrainConfig) -> L.Trainer:
         config.data.global_batch_size, trainer_config.world_size, config.data.micro_batch_size
     )
     checkpoints = run_dir / CHECKPOINT_DIR
+    # EMA before Preemption: a preempted step's EMA update must happen before the stop is raised
+    # (Lightning runs callbacks in this order), or the saved EMA lags the saved weights by a step.
+    ema = [EMA(config.optim.ema_decay)] if config.optim.ema_decay is not None else []
     callbacks = [
         DataPosition(),
         Throughput(trainer_config.peak_tflops),
+        *ema,
         Preemption(),
         NonFiniteGuard(trainer_config.skip_nonfinite_steps),
         CheckpointOnException(checkpoints / "on_exception.ckpt"),
         PreviewVideos(trainer_config.video_every_n_steps, run_dir / "media"),
     ]
-    if config.optim.ema_decay is not None:
-        callbacks.append(EMA(config.optim.ema_decay))
     if trainer_config.checkpoint_every_n_steps:
         callbacks.append(
             ModelCheckpoint(
