@@ -159,9 +159,7 @@ def test_a_failed_requeue_is_reported_and_exits_non_zero(monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_a_preempted_dynamics_run_with_ema_resumes_exactly(tmp_path, atari_dir, tokenizer_checkpoint):
-    import signal
-
-    from tests.training_helpers import logged, start_training
+    from tests.training_helpers import preempted_and_resumed
 
     dynamics = (
         "task=dynamics",
@@ -173,21 +171,10 @@ def test_a_preempted_dynamics_run_with_ema_resumes_exactly(tmp_path, atari_dir, 
         "trainer.checkpoint_every_n_steps=0",
         "data.num_workers=1",
     )
-    full = train(tmp_path / "full", *dynamics, sample_dir=atari_dir)
-    assert full.returncode == 0, full.stderr[-2000:]
-    process = start_training(tmp_path / "cut", *dynamics, sample_dir=atari_dir)
-    deadline = time.time() + 120
-    while time.time() < deadline and max(logged(tmp_path / "cut", "train/loss"), default=-1) < 1:
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=120)
-    assert process.returncode == 0 and "preempted at step" in output, output[-2000:]
-    stopped_at = int(output.split("preempted at step ")[1].split(";")[0])
-    assert stopped_at < 6
-    resumed = train(tmp_path / "cut", *dynamics, "resume=last", sample_dir=atari_dir)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    expected, after = logged(tmp_path / "full", "train/loss"), logged(tmp_path / "cut", "train/loss")
-    assert sorted(after) == list(range(stopped_at, 6))
+    stopped_at, expected, after = preempted_and_resumed(
+        tmp_path / "full", tmp_path / "cut", *dynamics, sample_dir=atari_dir
+    )
+    assert stopped_at < 6 and sorted(after) == list(range(stopped_at, 6))
     assert [after[step] for step in after] == [expected[step] for step in after]
     final_full = read_checkpoint(tmp_path / "full" / "checkpoints" / "last.ckpt")
     final_cut = read_checkpoint(tmp_path / "cut" / "checkpoints" / "last.ckpt")

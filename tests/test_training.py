@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.training_helpers import ROOT, composed, logged, start_training, train
+from tests.training_helpers import ROOT, composed, logged, preempted_and_resumed, start_training, train
 from worldmodel.config import ConfigError
 from worldmodel.training.checkpoint import load_tokenizer, net_state_dict, read_checkpoint
 from worldmodel.training.modules import DynamicsModule, TokenizerModule
@@ -360,19 +360,9 @@ def test_a_preemption_mid_accumulation_resumes_exactly(tmp_path, sample_dir):
         "optim.schedule_steps=6",
         "trainer.checkpoint_every_n_steps=0",
     )
-    full = train(tmp_path / "full", *accumulate, sample_dir=sample_dir)
-    assert full.returncode == 0, full.stderr[-2000:]
-    process = start_training(tmp_path / "cut", *accumulate, sample_dir=sample_dir)
-    deadline = time.time() + 120
-    while time.time() < deadline and max(logged(tmp_path / "cut", "train/loss"), default=-1) < 1:
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=120)
-    assert process.returncode == 0 and "preempted at step" in output, output[-2000:]
-    stopped_at = int(output.split("preempted at step ")[1].split(";")[0])
-    resumed = train(tmp_path / "cut", *accumulate, "resume=last", sample_dir=sample_dir)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    expected, after = logged(tmp_path / "full", "train/loss"), logged(tmp_path / "cut", "train/loss")
+    stopped_at, expected, after = preempted_and_resumed(
+        tmp_path / "full", tmp_path / "cut", *accumulate, sample_dir=sample_dir
+    )
     assert sorted(after) == list(range(stopped_at, 6))
     assert [after[step] for step in after] == [expected[step] for step in after]
 

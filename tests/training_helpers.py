@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +41,26 @@ def start_training(run_dir: Path, *overrides: str, sample_dir: Path) -> subproce
     return subprocess.Popen(
         command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env()
     )
+
+
+def preempted_and_resumed(
+    full_dir: Path, cut_dir: Path, *overrides: str, sample_dir: Path, after_step: int = 1
+) -> tuple[int, dict[int, float], dict[int, float]]:
+    """Train once uninterrupted (full_dir) and once SIGTERMed after `after_step` logged steps then
+    resumed with resume=last (cut_dir). Returns (the step it stopped at, losses of each run)."""
+    full = train(full_dir, *overrides, sample_dir=sample_dir)
+    assert full.returncode == 0, full.stderr[-2000:]
+    process = start_training(cut_dir, *overrides, sample_dir=sample_dir)
+    deadline = time.time() + 120
+    while time.time() < deadline and max(logged(cut_dir, "train/loss"), default=-1) < after_step:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0 and "preempted at step" in output, output[-2000:]
+    stopped_at = int(output.split("preempted at step ")[1].split(";")[0])
+    resumed = train(cut_dir, *overrides, "resume=last", sample_dir=sample_dir)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    return stopped_at, logged(full_dir, "train/loss"), logged(cut_dir, "train/loss")
 
 
 def composed(*overrides: str):
