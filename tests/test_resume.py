@@ -207,3 +207,35 @@ def test_the_dynamics_stage_trains_alike_under_ddp_and_zero3_on_two_processes(
     assert sorted(losses["ddp"]) == [0, 1, 2, 3]
     for step, loss in losses["ddp"].items():
         assert losses["deepspeed_zero3"][step] == pytest.approx(loss, rel=1e-5), step
+
+
+@pytest.mark.slow
+def test_ranks_run_the_same_number_of_validation_batches_on_an_uneven_split(tmp_path, sample_dir):
+    import webdataset as wds
+
+    from tests.training_helpers import logged
+
+    # 5 validation clips, batches of 2 on 2 ranks: rank 0 holds clips 0, 2, 4 (2 batches),
+    # rank 1 clips 1, 3 (1 batch). ZeRO-3's forward is collective: unequal counts hang.
+    val = tmp_path / "val-000000.tar"
+    with wds.TarWriter(str(val)) as writer:
+        for sample in list(wds.WebDataset(str(sample_dir / "val-000000.tar"), shardshuffle=False))[:5]:
+            writer.write({key: value for key, value in sample.items() if key != "__url__"})
+    result = train(
+        tmp_path / "run",
+        "strategy=deepspeed_zero3",
+        "strategy.persistence_threshold=0",  # every parameter partitioned: each forward gathers
+        "trainer.devices=2",
+        "trainer.max_steps=2",
+        "trainer.val_every_n_steps=2",
+        "trainer.limit_val_batches=10",
+        "trainer.checkpoint_every_n_steps=0",
+        "data.root=null",
+        f"data.train_shards=['{sample_dir}/train-{{000000..000002}}.tar']",
+        f"data.val_shards=[{val}]",
+        "data.num_workers=1",
+        sample_dir=sample_dir,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert 1 in logged(tmp_path / "run", "val/loss")

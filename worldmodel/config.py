@@ -256,12 +256,18 @@ class StrategyConfig:
     offload_optimizer: bool = False  # deepspeed: optimizer states in CPU memory (DeepSpeedCPUAdam)
     offload_parameters: bool = False  # deepspeed stage 3: parameters in CPU memory
     bucket_elements: int = 50_000_000  # deepspeed: elements per communication bucket (memory vs overlap)
+    persistence_threshold: int = 100_000  # zero 3: tensors of fewer elements stay whole on every rank
 
     def __post_init__(self) -> None:
         _require(self.name in STRATEGY_NAMES, "strategy.name", f"one of {STRATEGY_NAMES}, got {self.name!r}")
         _require(self.zero_stage in (1, 2, 3), "strategy.zero_stage", f"1, 2 or 3, got {self.zero_stage}")
         _require(
             self.bucket_elements >= 1, "strategy.bucket_elements", f"must be >= 1, got {self.bucket_elements}"
+        )
+        _require(
+            self.persistence_threshold >= 0,
+            "strategy.persistence_threshold",
+            f"must be >= 0, got {self.persistence_threshold}",
         )
         _require(
             not self.offload_parameters or self.zero_stage == 3,

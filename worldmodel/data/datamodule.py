@@ -148,7 +148,13 @@ class VideoDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> ClipLoader:
         cfg = self.config
-        return ClipLoader(self._stream("val"), cfg.num_workers, cfg.max_skip_fraction)
+        agree = None
+        if self.trainer is not None and self.world_size > 1:
+            # Sample i goes to stream i mod streams, so ranks can hold different numbers of
+            # batches: every rank runs as many as the rank with the fewest.
+            strategy = self.trainer.strategy
+            agree = lambda has_batch: strategy.reduce_boolean_decision(has_batch, all=True)  # noqa: E731
+        return ClipLoader(self._stream("val"), cfg.num_workers, cfg.max_skip_fraction, agree=agree)
 
 
 def shard_has_actions(url: str) -> bool:

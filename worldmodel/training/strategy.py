@@ -75,7 +75,7 @@ def build_strategy(config: TrainConfig) -> Strategy | str:
     if choice.name == "ddp":
         return DDPStrategy(process_group_backend=backend) if trainer.world_size > 1 else "auto"
     if choice.name == "deepspeed":
-        return WorldModelDeepSpeedStrategy(
+        strategy = WorldModelDeepSpeedStrategy(
             stage=choice.zero_stage,
             offload_optimizer=choice.offload_optimizer,
             offload_parameters=choice.offload_parameters,
@@ -83,6 +83,10 @@ def build_strategy(config: TrainConfig) -> Strategy | str:
             allgather_bucket_size=choice.bucket_elements,
             process_group_backend=backend,
         )
+        # Not a constructor argument in Lightning: set in the ZeRO config it built.
+        zero = strategy.config["zero_optimization"]
+        zero["stage3_param_persistence_threshold"] = choice.persistence_threshold
+        return strategy
     from worldmodel.models.layers import STBlock
 
     return FSDPStrategy(
