@@ -144,15 +144,13 @@ def test_deepspeed_saves_recover_from_every_leftover_of_an_interrupted_save(tmp_
 
 
 def test_a_failed_requeue_is_reported_and_exits_non_zero(monkeypatch, capsys):
-    from types import SimpleNamespace
-
     from worldmodel.training.run import requeue_if_slurm
 
     # A job id no controller knows (and, on a machine without SLURM, no scontrol at all).
     monkeypatch.setenv("SLURM_JOB_ID", "999999999")
     monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
     with pytest.raises(SystemExit) as stopped:
-        requeue_if_slurm(SimpleNamespace(is_global_zero=True))
+        requeue_if_slurm(is_global_zero=True)
     assert stopped.value.code == 1
     assert "requeue failed: `scontrol requeue 999999999`" in capsys.readouterr().err
 
@@ -239,3 +237,63 @@ def test_ranks_run_the_same_number_of_validation_batches_on_an_uneven_split(tmp_
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert 1 in logged(tmp_path / "run", "val/loss")
+
+
+def _start_until_training(run_dir, *overrides, sample_dir):
+    """start_training in its own process group, returning once fit has begun (the model summary
+    is printed)."""
+    from tests.training_helpers import start_training
+
+    process = start_training(run_dir, *overrides, sample_dir=sample_dir, start_new_session=True)
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if "Trainable params" in line:
+            return process, seen
+    raise AssertionError("".join(seen)[-3000:])
+
+
+@pytest.mark.slow
+def test_a_signal_before_the_first_step_checkpoints_at_the_first_safe_point(tmp_path, sample_dir):
+    import signal
+
+    slow_shard = f"pipe:sleep 15 && cat {sample_dir}/train-000000.tar"  # data arrives late
+    process, seen = _start_until_training(
+        tmp_path,
+        "data.root=null",
+        f"data.train_shards=['{slow_shard}']",
+        f"data.val_shards=['{sample_dir}/val-000000.tar']",
+        "data.num_workers=0",
+        "trainer.max_steps=50",
+        sample_dir=sample_dir,
+    )
+    process.send_signal(signal.SIGUSR1)  # while the loader waits for its first batch
+    output, _ = process.communicate(timeout=120)
+    output = "".join(seen) + output
+    assert process.returncode == 0 and "preempted at step" in output, output[-3000:]
+    assert int(output.split("preempted at step ")[1].split(";")[0]) <= 1
+    assert (tmp_path / "checkpoints" / "on_exception.ckpt").is_file()
+
+
+def test_a_signal_ends_a_run_that_can_never_reach_a_step_within_the_grace_period(tmp_path, sample_dir):
+    import signal
+
+    process, seen = _start_until_training(
+        tmp_path,
+        "data.root=null",
+        "data.train_shards=['pipe:sleep 600']",  # a data stall: no batch ever comes
+        f"data.val_shards=['{sample_dir}/val-000000.tar']",
+        "data.num_workers=1",
+        "trainer.signal_grace_s=3",
+        sample_dir=sample_dir,
+    )
+    time.sleep(3)  # past on_train_start: waiting for a batch that never comes
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    try:
+        assert process.wait(timeout=30) == 1
+        assert time.monotonic() - started < 30
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # what the stalled loader started (`sleep 600`)
+    output = "".join(seen) + process.stdout.read()
+    assert "SIGTERM received 3 s ago and no step finished" in output, output[-3000:]

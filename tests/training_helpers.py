@@ -36,10 +36,10 @@ def train(
     )
 
 
-def start_training(run_dir: Path, *overrides: str, sample_dir: Path) -> subprocess.Popen:
+def start_training(run_dir: Path, *overrides: str, sample_dir: Path, **popen) -> subprocess.Popen:
     command = [sys.executable, "train.py", *FAST, f"run_dir={run_dir}", f"data.root={sample_dir}", *overrides]
     return subprocess.Popen(
-        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env()
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), **popen
     )
 
 

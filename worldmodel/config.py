@@ -213,6 +213,7 @@ class TrainerConfig:
     profiler: str | None = None  # simple | advanced | pytorch
     peak_tflops: float | None = None  # per-device peak for MFU; None = table (GPU) / measured (CPU)
     skip_nonfinite_steps: int = 0  # skip up to N optimizer steps with a non-finite loss or gradient
+    signal_grace_s: float = 180.0  # after SIGTERM/USR1/USR2, exit this long later if no step ends
 
     def __post_init__(self) -> None:
         _require(
@@ -231,6 +232,7 @@ class TrainerConfig:
             "skip_nonfinite_steps",
         ):
             _require(getattr(self, name) >= 0, f"trainer.{name}", f"must be >= 0, got {getattr(self, name)}")
+        _require(self.signal_grace_s > 0, "trainer.signal_grace_s", f"must be > 0, got {self.signal_grace_s}")
         _require(
             self.profiler in (None, "simple", "advanced", "pytorch"),
             "trainer.profiler",

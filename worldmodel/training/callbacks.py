@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -176,6 +178,52 @@ class PreviewVideos(L.Callback):
 # What a scheduler sends shortly before a time limit or preemption: SIGUSR1 from
 # `sbatch --signal=USR1@...` (slurm/train.sbatch), SIGUSR2 from submitit (Hydra's submitit launchers).
 REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+STOP_SIGNALS = (signal.SIGTERM, *REQUEUE_SIGNALS)
+
+
+class Signals:
+    """The stop signals a process received, heard from the moment it starts (`install`), not only
+    once training runs: a signal during setup or data loading is acted on at the first safe point.
+
+    A signal must also end the run when no safe point ever comes (a data stall, a hung
+    collective): `grace_s` seconds after it, a watchdog calls `on_stall(signum)` (which logs,
+    requeues where the signal asks for it) and exits the process with status 1, keeping the
+    last checkpoint; no state from inside an unfinished step is ever saved."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self.grace_s: float = 180.0
+        self.on_stall = None  # (signum) -> None, before the watchdog's exit
+        self.forward = None  # (signum) -> None: hand the signal on to ranks this process started
+
+    def install(self, grace_s: float, on_stall=None) -> None:
+        self.grace_s, self.on_stall = grace_s, on_stall
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame) -> None:
+        if self.received is not None:
+            return
+        self.received = signum
+        if self.forward is not None:
+            self.forward(signum)
+        threading.Thread(target=self._watchdog, args=(signum,), daemon=True).start()
+
+    def _watchdog(self, signum: int) -> None:
+        time.sleep(self.grace_s)
+        print(
+            f"{signal.Signals(signum).name} received {self.grace_s:.0f} s ago and no step finished "
+            f"since (a data stall or a hung collective?): exiting without a new checkpoint; the "
+            f"last one stands (trainer.signal_grace_s sets this wait)",
+            file=sys.stderr,
+            flush=True,
+        )
+        if self.on_stall is not None:
+            self.on_stall(signum)
+        os._exit(1)
+
+
+SIGNALS = Signals()  # one per process: signal handlers are process-wide
 
 
 class Preemption(L.Callback):
@@ -184,29 +232,27 @@ class Preemption(L.Callback):
     Lightning's own SIGTERM handling stops after the current micro-batch, which under gradient
     accumulation throws away a partly accumulated step; this holds the signal until the step
     boundary, where the ranks agree (one all-reduce) and all raise SIGTERMException together, so
-    CheckpointOnException saves on all of them. Which signal came decides what happens next:
-    SIGUSR1 / SIGUSR2 (REQUEUE_SIGNALS) requeue the job under SLURM, SIGTERM (scancel, or the
-    limit itself) does not.
+    CheckpointOnException saves on all of them. A signal received before training started is
+    acted on at its start. Which signal came decides what happens next: SIGUSR1 / SIGUSR2
+    (REQUEUE_SIGNALS) requeue the job under SLURM, SIGTERM (scancel, or the limit itself) does not.
     """
 
-    def __init__(self):
-        self.received: int | None = None
-        self._trainer = None
+    def __init__(self, signals: Signals = SIGNALS):
+        self.signals = signals
         self._step_at_start = -1
 
-    def on_train_start(self, trainer, module) -> None:
-        # Installed after Lightning registered its SIGTERM handler, and replacing it.
-        self._trainer = trainer
-        for signum in (signal.SIGTERM, *REQUEUE_SIGNALS):
-            signal.signal(signum, self._handle)
+    @property
+    def received(self) -> int | None:
+        return self.signals.received
 
-    def _handle(self, signum, frame) -> None:
-        if self.received is not None:
-            return
-        self.received = signum
-        launcher = self._trainer.strategy.launcher if self._trainer else None
+    def on_train_start(self, trainer, module) -> None:
+        # Again: Lightning registered its own SIGTERM handler when fit started; this replaces it.
+        launcher = trainer.strategy.launcher
         if launcher is not None:  # ranks that Lightning started itself hear it too
-            launcher.kill(signum)
+            self.signals.forward = launcher.kill
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self.signals.handle)
+        self._stop_if_signalled(trainer)  # one that came during setup
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         self._step_at_start = trainer.global_step
@@ -214,6 +260,9 @@ class Preemption(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self._step_at_start:  # mid-accumulation: the step is not done
             return
+        self._stop_if_signalled(trainer)
+
+    def _stop_if_signalled(self, trainer) -> None:
         if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             raise SIGTERMException()
 

@@ -22,6 +22,7 @@ from worldmodel.training.budget import budget_steps, run_size, write_summary
 from worldmodel.training.callbacks import (
     EMA,
     REQUEUE_SIGNALS,
+    SIGNALS,
     CheckpointOnException,
     DataPosition,
     NonFiniteError,
@@ -136,7 +137,8 @@ def build_trainer(config: TrainConfig) -> L.Trainer:
 
 def prepare(config: TrainConfig) -> tuple[VideoDataModule, WorldModelModule, L.Trainer, str | None]:
     """Everything that can fail on bad input before training starts: data index, tokenizer and
-    resume checkpoints, the trainer."""
+    resume checkpoints, the trainer. Stop signals are heard from here on."""
+    SIGNALS.install(config.trainer.signal_grace_s, on_stall=_requeue_after_stall)
     L.seed_everything(config.seed, workers=True)
     overfitting = config.trainer.overfit_batches > 0  # debug=overfit: the same batches every step
     data = VideoDataModule(config.data, consume_on_yield=False, repeat_epoch=overfitting)
@@ -167,7 +169,7 @@ def fit(config: TrainConfig, data, module, trainer: L.Trainer, ckpt_path: str | 
             print(f"preempted at step {trainer.global_step}; checkpoint in {checkpoints}")
         preemption = next(c for c in trainer.callbacks if isinstance(c, Preemption))
         if preemption.received in REQUEUE_SIGNALS:  # the time limit is near; SIGTERM means cancelled
-            requeue_if_slurm(trainer)
+            requeue_if_slurm(trainer.is_global_zero)
             if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
                 # Leave without a result, as submitit does: its launcher waits for the requeued job.
                 raise SystemExit(-1) from None
@@ -206,11 +208,17 @@ def _saved_at(trainer: L.Trainer, step: int) -> bool:
     return any(n and step % n == 0 for n in every)
 
 
-def requeue_if_slurm(trainer: L.Trainer) -> None:
-    """Put this SLURM job back in the queue; a failed requeue is an error (exit 1 with scontrol's
-    output): otherwise the job would end COMPLETED and never come back."""
+def _requeue_after_stall(signum: int) -> None:
+    """A stop signal came but no step could finish: still requeue when it asked for that."""
+    if signum in REQUEUE_SIGNALS:
+        requeue_if_slurm(int(os.environ.get("SLURM_PROCID", os.environ.get("RANK", "0"))) == 0)
+
+
+def requeue_if_slurm(is_global_zero: bool) -> None:
+    """Put this SLURM job back in the queue (from rank 0); a failed requeue is an error (exit 1
+    with scontrol's output): otherwise the job would end COMPLETED and never come back."""
     job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
-    if not job or not trainer.is_global_zero:
+    if not job or not is_global_zero:
         return
     array_task = os.environ.get("SLURM_ARRAY_TASK_ID")
     target = f"{job}_{array_task}" if os.environ.get("SLURM_ARRAY_JOB_ID") and array_task else job
