@@ -43,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--sticky", type=float, default=0.0, help="repeat_action_probability (0: actions run as recorded)"
     )
     atari.add_argument(
-        "--max-hold", type=int, default=8, help="the random policy holds each action 1..N steps (1: none)"
+        "--max-hold",
+        type=int,
+        default=1,
+        help="the random policy holds each action 1..N steps (1: new every step)",
     )
     atari.add_argument("--max-steps", type=int, default=2000, help="steps per episode at most")
     atari.add_argument("--seed", type=int, default=0)

@@ -1,10 +1,10 @@
 """`worldmodel prepare atari`: record real game play with ale-py (its ROMs ship in the wheel).
 
 Each episode is played by a random policy that draws an action uniformly from the full set and
-holds it for a random number of steps (uniform in 1..max_hold), with frameskip 4 and no sticky
-actions by default, starting from `env.reset(seed=episode_seed)`. Holding makes an action's
-effect large and visible (a policy that changes action every step mostly jitters in place), and
-without sticky actions the recorded action is the one the emulator executed. Frames are the
+holds it for a random number of steps (uniform in 1..max_hold; by default 1, a new action every
+step, so the past frames never tell the next action), with frameskip 4 and no sticky actions by
+default, starting from `env.reset(seed=episode_seed)`. Without sticky actions the recorded
+action is the one the emulator executed. Frames are the
 observations resized to size x size; action t is the one taken after frame t (so it leads to
 frame t + 1). Episodes are cut into consecutive clips that never cross an episode end, encoded
 losslessly: replaying the recorded actions from the recorded seed reproduces the frames exactly.
@@ -34,7 +34,7 @@ class AtariSettings:
     size: int = 64
     frameskip: int = 4
     sticky: float = 0.0  # repeat_action_probability: the emulator repeats the previous action
-    max_hold: int = 8  # the policy holds each random action for 1..max_hold steps
+    max_hold: int = 1  # the policy holds each random action for 1..max_hold steps
     max_steps: int = 2000  # per episode; long timer games are cut here
     seed: int = 0
 
