@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -50,16 +51,29 @@ def measure_cpu_peak_flops(size: int = 1024, repeats: int = 5) -> float:
     return 2 * size**3 / best
 
 
-def device_peak_flops(module: L.LightningModule, configured_tflops: float | None) -> float:
+def device_peak_flops(module: L.LightningModule, configured_tflops: float | None) -> float | None:
+    """Peak FLOP/s of one device: configured, Lightning's table for the GPU (ours for the names
+    it misses, e.g. a plain "NVIDIA H200"), measured on CPU; None (MFU not logged, a warning)
+    for a GPU nobody knows."""
     if configured_tflops is not None:
         return configured_tflops * 1e12
-    if module.device.type == "cuda":
-        name = torch.cuda.get_device_name(module.device)
-        for key, tflops in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                return tflops * 1e12
-        raise ValueError(f"no peak FLOP/s known for {name!r}: set trainer.peak_tflops")
-    return measure_cpu_peak_flops()
+    if module.device.type != "cuda":
+        return measure_cpu_peak_flops()
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its own "unknown device" warning; ours follows
+        flops = get_available_flops(module.device, torch.bfloat16)
+    if flops:
+        return float(flops)
+    name = torch.cuda.get_device_name(module.device)
+    for key, tflops in GPU_PEAK_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    warnings.warn(
+        f"no peak FLOP/s known for {name!r}: MFU is not logged (set trainer.peak_tflops)", stacklevel=1
+    )
+    return None
 
 
 class Throughput(L.Callback):
@@ -67,13 +81,14 @@ class Throughput(L.Callback):
 
     def __init__(self, peak_tflops: float | None = None):
         self.peak_tflops = peak_tflops
-        self.peak_flops = 0.0
+        self.peak_flops: float | None = None
         self._batch_end: float | None = None
         self._wait = 0.0
 
     def on_train_start(self, trainer, module) -> None:
         self.peak_flops = device_peak_flops(module, self.peak_tflops)
-        module.print(f"MFU against a peak of {self.peak_flops / 1e12:.2f} TFLOP/s per device")
+        if self.peak_flops:
+            module.print(f"MFU against a peak of {self.peak_flops / 1e12:.2f} TFLOP/s per device")
 
     def restart(self) -> None:
         """Forget the last step's end: validation or a preview ran since, which is not data wait."""
@@ -93,16 +108,15 @@ class Throughput(L.Callback):
             frames, tokens_per_frame = module.token_grid(video)
             clips, tokens = len(video), len(video) * frames * tokens_per_frame
             achieved = module.flops_per_token(video) * tokens / step
-            module.log_dict(
-                {
-                    "perf/clips_per_s": clips / step,
-                    "perf/tokens_per_s": tokens / step,
-                    "perf/mfu": achieved / self.peak_flops,
-                    "perf/data_wait": self._wait / step,
-                },
-                prog_bar=False,
-            )
-            module.log("mfu", achieved / self.peak_flops, prog_bar=True, logger=False)
+            measured = {
+                "perf/clips_per_s": clips / step,
+                "perf/tokens_per_s": tokens / step,
+                "perf/data_wait": self._wait / step,
+            }
+            if self.peak_flops:
+                measured["perf/mfu"] = achieved / self.peak_flops
+                module.log("mfu", achieved / self.peak_flops, prog_bar=True, logger=False)
+            module.log_dict(measured, prog_bar=False)
         self._batch_end = now
 
 
