@@ -4,21 +4,24 @@ decode of the same clips, in one run, for 0, 1 and 2 loader workers.
     python benchmarks/data_throughput.py [--size 64] [--batches 100]
 
 The raw baseline holds every clip's mp4 bytes in memory and decodes the same 16 frames with
-decord in one process: the ceiling for one worker. The loader's rate is measured from its first
-batch to its last (worker start-up is reported separately, as it is paid once per epoch).
+decord in one process: the ceiling for one worker. Also measured: the loader's check of each
+sample's checksum (CRC-32 of its members) as a share of that decode. The loader's rate is
+measured from its first batch to its last (worker start-up is reported separately, as it is
+paid once per epoch).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import time
 from pathlib import Path
 
 import decord
 import webdataset as wds
 
-from worldmodel.data.pipeline import ClipLoader, ClipSpec, ClipStream
+from worldmodel.data.pipeline import ClipLoader, ClipSpec, ClipStream, verify_checksums
 from worldmodel.data.shards import read_index, shard_paths
 from worldmodel.data.sources.folder import ClipSettings, prepare_videos
 from worldmodel.data.sources.sample import SAMPLE_FILES, SAMPLE_SETTINGS, sample_footage_dir
@@ -31,6 +34,19 @@ def raw_decode_rate(urls: list[str], frames: int, clips: int) -> float:
         reader = decord.VideoReader(io.BytesIO(payloads[number % len(payloads)]), num_threads=1)
         reader.get_batch(list(range(frames))).asnumpy()
     return clips / (time.perf_counter() - started)
+
+
+def checksum_share(urls: list[str], frames: int, clips: int) -> float:
+    """Time of checking a sample's members against its checksums / time of decoding its clip."""
+    samples = list(wds.WebDataset(urls, shardshuffle=False))[:clips]
+    started = time.perf_counter()
+    for sample in samples:
+        verify_checksums(sample, json.loads(sample["json"]))
+    checking = time.perf_counter() - started
+    started = time.perf_counter()
+    for sample in samples:
+        decord.VideoReader(io.BytesIO(sample["mp4"]), num_threads=1).get_batch(list(range(frames))).asnumpy()
+    return checking / (time.perf_counter() - started)
 
 
 def loader_rate(
@@ -69,6 +85,8 @@ def main() -> None:
     )
     raw = max(raw_decode_rate(urls, frames, clips) for _ in range(args.repeats))
     print(f"| raw decord decode, 1 process | {raw:7.1f} clips/s | 1.00x |")
+    share = min(checksum_share(urls, frames, clips) for _ in range(args.repeats))
+    print(f"checksum verification: {share:.2%} of decode time")
     rates = {}
     for workers in (0, 1, 2):
         runs = [

@@ -1,5 +1,6 @@
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,7 +129,7 @@ def test_each_kind_of_bad_input_is_skipped_and_counted(mixed_shards, caplog):
     loader = ClipLoader(stream, num_workers=0, max_skip_fraction=0.5)
     keys = [key for batch in loader for key in batch["key"]]
     assert len(keys) == n_good and all(key.startswith("good") for key in keys)
-    expected = {"tar": 0, "json": 0, "video": 0, "actions": 0}
+    expected = {"tar": 0, "json": 0, "corrupt": 0, "video": 0, "actions": 0}
     for cause, _ in bad.values():
         expected[cause] += 1
     assert loader.skip_counts() == expected
@@ -258,3 +259,63 @@ def test_all_bad_samples_stop_the_run_and_their_warnings_are_summarised(tmp_path
     assert "200 of 200 samples skipped" in str(error.value) and "json: 200" in str(error.value)
     if workers == 0:  # (a worker process logs to its own stderr)
         assert len(caplog.records) <= 6  # 3 one by one, then counts at 10 and 100
+
+
+def corrupt_one_clip(shard: Path, out: Path, damage: int = 2000) -> str:
+    """A copy of `shard` with `damage` random bytes written into the middle of its first mp4
+    member (the tar stays readable); returns that sample's key."""
+    import shutil
+    import tarfile
+
+    shutil.copy(shard, out)
+    with tarfile.open(out) as archive:
+        member = next(m for m in archive.getmembers() if m.name.endswith(".mp4"))
+    start = member.offset_data + member.size // 4
+    with open(out, "r+b") as handle:
+        handle.seek(start)
+        handle.write(
+            np.random.default_rng(0).integers(0, 256, min(damage, member.size // 2), np.uint8).tobytes()
+        )
+    return member.name.split(".")[0]
+
+
+def test_a_corrupted_clip_is_skipped_and_counted_as_corrupt(sample_dir, tmp_path):
+    damaged = tmp_path / "train-000000.tar"
+    key = corrupt_one_clip(Path(sample_dir) / "train-000000.tar", damaged)
+    stream = ClipStream([str(damaged)], ClipSpec(8), batch_size=4, train=False)
+    loader = ClipLoader(stream, num_workers=0, max_skip_fraction=0.5)
+    keys = [k for batch in loader for k in batch["key"]]
+    assert key not in keys and len(keys) > 0
+    assert loader.skip_counts()["corrupt"] == 1
+
+
+def test_worldmodel_verify_names_the_damaged_shard_and_sample(sample_dir, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    folder = tmp_path / "data"
+    shutil.copytree(sample_dir, folder)
+    worldmodel = Path(sys.executable).with_name("worldmodel")
+    clean = subprocess.run([str(worldmodel), "verify", str(folder)], capture_output=True, text=True)
+    assert clean.returncode == 0 and "0 problem(s)" in clean.stdout, clean.stdout + clean.stderr
+    key = corrupt_one_clip(folder / "train-000001.tar", folder / "train-000001.tar.damaged")
+    (folder / "train-000001.tar.damaged").replace(folder / "train-000001.tar")
+    damaged = subprocess.run([str(worldmodel), "verify", str(folder)], capture_output=True, text=True)
+    assert damaged.returncode == 1
+    assert "train-000001.tar: sha256 or size differs" in damaged.stdout
+    assert f"train-000001.tar {key}: mp4 does not match its checksum" in damaged.stdout
+
+
+def test_shards_without_checksums_still_load_with_one_warning(tmp_path, caplog, monkeypatch):
+    import worldmodel.data.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "_warned_unchecked", False)
+    url = write_shard(tmp_path / "old-000000.tar", [good_sample(f"old{i}") for i in range(6)])
+    stream = ClipStream([url], ClipSpec(8), batch_size=3, train=False)
+    with caplog.at_level("WARNING", logger="worldmodel.data"):
+        assert sum(len(batch["key"]) for batch in ClipLoader(stream)) == 6
+    assert [r.getMessage() for r in caplog.records if "no checksums" in r.getMessage()] == [
+        f"{url} has no checksums (prepared by an older worldmodel): damaged clips cannot be "
+        "detected; prepare the data again to get them"
+    ]

@@ -122,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scaling.add_argument("--out", default="scaling", help="folder for scaling.json, scaling.md, scaling.png")
 
+    verify = commands.add_parser(
+        "verify", help="check a prepared folder: shard sha256s and every sample's checksums"
+    )
+    verify.add_argument("root", help="folder with dataset.json")
+
     inspect = commands.add_parser("inspect", help="stream a few batches from a prepared folder")
     inspect.add_argument("root", help="folder with dataset.json")
     inspect.add_argument("--split", choices=("train", "val"), default="train")
@@ -276,6 +281,15 @@ def _run(args: argparse.Namespace) -> None:
         _info(args)
     elif args.command == "inspect":
         _inspect(args)
+    elif args.command == "verify":
+        from worldmodel.data.verify import verify_folder
+
+        problems, samples = verify_folder(args.root)
+        for problem in problems:
+            print(problem)
+        print(f"{args.root}: {samples} samples checked, {len(problems)} problem(s)")
+        if problems:
+            raise SystemExit(1)
     elif args.command == "eval":
         import torch
 

@@ -10,11 +10,12 @@ run continues with exactly the batches an uninterrupted run would have seen.
 Validation streams read every sample once, in shard order, sample i going to the (rank, worker)
 whose index is i modulo their number.
 
-Bad samples (unreadable tar members, a missing or malformed json, an undecodable or short
-video, actions that do not match the frames) are skipped, logged with key and shard, and
-counted (the first few logged one by one, then summarised); the run stops with a message naming
-the causes when the skipped fraction passes `max_skip_fraction`, judged at every batch and, in
-each worker, as samples are read (once a minimum was read), so all-bad shards stop the run too.
+Bad samples (unreadable tar members, a missing or malformed json, a member that does not match
+its checksum, an undecodable or short video, actions that do not match the frames) are skipped,
+logged with key and shard, and counted (the first few logged one by one, then summarised); the
+run stops with a message naming the causes when the skipped fraction passes
+`max_skip_fraction`, judged at every batch and, in each worker, as samples are read (once a
+minimum was read), so all-bad shards stop the run too.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from worldmodel.data import NULL_ACTION
+from worldmodel.data.shards import checksum
 from worldmodel.data.video import VideoDecodeError, decode_mp4
 
 log = logging.getLogger("worldmodel.data")
@@ -42,7 +44,7 @@ log = logging.getLogger("worldmodel.data")
 WORKER_CONTEXT = multiprocessing.get_context("forkserver")
 WORKER_CONTEXT.set_forkserver_preload([__name__])
 
-SKIP_CAUSES = ("tar", "json", "video", "actions")
+SKIP_CAUSES = ("tar", "json", "corrupt", "video", "actions")
 
 
 class BadSample(Exception):
@@ -84,6 +86,7 @@ def decode_sample(sample: dict, spec: ClipSpec, rng: np.random.Generator | None)
         stored_frames = int(meta["frames"])
     except (ValueError, TypeError, KeyError) as error:
         raise BadSample("json", f"malformed metadata ({type(error).__name__}: {error})") from error
+    verify_checksums(sample, meta)
     if stored_frames < spec.span:
         raise BadSample("video", f"{stored_frames} frames, {spec.span} needed")
     start = int(rng.integers(stored_frames - spec.span + 1)) if rng is not None else 0
@@ -116,6 +119,28 @@ def decode_sample(sample: dict, spec: ClipSpec, rng: np.random.Generator | None)
     return {"key": sample["__key__"], "video": video, "actions": actions, "source": source}
 
 
+_warned_unchecked = False
+
+
+def verify_checksums(sample: dict, meta: dict) -> None:
+    """Every member the json has a checksum for must match it (BadSample "corrupt"); samples
+    prepared without checksums pass, with one warning per process."""
+    global _warned_unchecked
+    expected = meta.get("checksums")
+    if expected is None:
+        if not _warned_unchecked:
+            _warned_unchecked = True
+            log.warning(
+                "%s has no checksums (prepared by an older worldmodel): damaged clips cannot be "
+                "detected; prepare the data again to get them",
+                sample.get("__url__"),
+            )
+        return
+    for member, value in expected.items():
+        if member in sample and checksum(sample[member]) != value:
+            raise BadSample("corrupt", f"{member} does not match its checksum {value}")
+
+
 @dataclass
 class WorkerProgress:
     """How far one (logical) worker got in the current epoch: reported with every batch."""
@@ -125,6 +150,10 @@ class WorkerProgress:
     seen: int = 0  # samples decoded or rejected
     skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIP_CAUSES, 0))
     last_skip: dict[str, str] = field(default_factory=dict)  # cause -> "key in shard: detail"
+
+    def __post_init__(self) -> None:
+        # Positions saved before a cause existed lack its count.
+        self.skipped = {**dict.fromkeys(SKIP_CAUSES, 0), **self.skipped}
 
     def skip(self, cause: str, where: str, detail: str) -> None:
         self.skipped[cause] += 1

@@ -1,16 +1,21 @@
 """Writing shards: WebDataset tars of clips plus a `dataset.json` index.
 
 A sample is `{__key__, mp4: h264 clip, json: metadata, actions.npy: int64 per frame}`
-(`actions.npy` only where the source has actions). Shards are `{split}-%06d.tar`. The index is
-written last and atomically, so a folder without `dataset.json` is an unfinished prepare.
+(`actions.npy` only where the source has actions). The json holds a checksum of every other
+member (`checksums`), which the loader verifies: h264 conceals damaged bytes, so a corrupted
+clip would otherwise decode into wrong frames without an error. Shards are `{split}-%06d.tar`.
+The index is written last and atomically, so a folder without `dataset.json` is an unfinished
+prepare.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -77,10 +82,11 @@ class ShardSetWriter:
             writer = self._writers[split] = wds.ShardWriter(
                 pattern, maxcount=self.clips_per_shard, maxsize=1e12, verbose=0, mtime=0
             )
-        sample = {"__key__": clip.key, "mp4": clip.mp4, "json": clip.meta}
+        payload = {"mp4": clip.mp4}
         if clip.actions is not None:
-            sample["actions.npy"] = np.asarray(clip.actions, dtype=np.int64)
-        writer.write(sample)
+            payload["actions.npy"] = npy_bytes(np.asarray(clip.actions, dtype=np.int64))
+        meta = {**clip.meta, "checksums": {member: checksum(data) for member, data in payload.items()}}
+        writer.write({"__key__": clip.key, **payload, "json": meta})
         name = Path(writer.fname).name
         counts = self._clips_per_file[split]
         counts[name] = counts.get(name, 0) + 1
@@ -108,6 +114,19 @@ class ShardSetWriter:
         else:
             for writer in self._writers.values():
                 writer.close()
+
+
+def checksum(data: bytes) -> str:
+    """A sample member's checksum as stored in its json: CRC-32, cheap next to decoding, and
+    certain to change with damage to a few bytes."""
+    return f"crc32:{zlib.crc32(data):08x}"
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """The .npy file of an array: what the shard stores, so its checksum covers those bytes."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
 
 
 def _file_digest(path: Path) -> dict:
