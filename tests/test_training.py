@@ -9,7 +9,7 @@ from tests.training_helpers import ROOT, composed, logged, preempted_and_resumed
 from worldmodel.config import ConfigError
 from worldmodel.training.checkpoint import load_tokenizer, net_state_dict, read_checkpoint
 from worldmodel.training.modules import DynamicsModule, TokenizerModule
-from worldmodel.training.run import build_loggers, build_trainer, run, to_train_config
+from worldmodel.training.run import build_loggers, build_trainer, to_train_config
 from worldmodel.training.strategy import build_strategy
 
 CONFIGS = ROOT / "configs"
@@ -108,32 +108,47 @@ def test_the_command_line_reports_a_bad_config_before_training(tmp_path, sample_
     assert missing.returncode == 2 and "dataset.json not found" in missing.stderr
 
 
-def test_an_interrupted_checkpoint_write_leaves_the_previous_one_usable(tmp_path, sample_dir):
-    overrides = (
-        f"run_dir={tmp_path}",
-        f"data.root={sample_dir}",
-        "experiment=demo_tokenizer",
-        "logger=csv",
-        "data.frames=4",
-        "data.num_workers=0",
-        "trainer.video_every_n_steps=0",
-        "trainer.checkpoint_every_n_steps=2",
+INTERRUPTED_FILE_SAVE = """
+import resource, signal, sys
+from hydra import compose, initialize_config_dir
+from worldmodel.training.run import run, to_train_config
+
+run_dir, sample_dir = sys.argv[1], sys.argv[2]
+with initialize_config_dir(config_dir=sys.argv[3], version_base="1.3"):
+    composed = compose("train", overrides=[f"run_dir={run_dir}", f"data.root={sample_dir}",
+        "experiment=demo_tokenizer", "logger=csv", "data.frames=4", "data.num_workers=0",
+        "trainer.max_steps=2", "trainer.checkpoint_every_n_steps=2", "trainer.video_every_n_steps=0"])
+trainer = run(to_train_config(composed))
+# The disk fills in the middle of writing the file: no file may grow past 100 kB from here on.
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+try:
+    trainer.save_checkpoint(f"{run_dir}/checkpoints/last.ckpt")
+except OSError as error:
+    print("save failed:", error)
+"""
+
+
+@pytest.mark.slow
+def test_a_checkpoint_write_cut_off_midway_leaves_the_previous_one_whole(tmp_path, sample_dir):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", INTERRUPTED_FILE_SAVE, str(tmp_path), str(sample_dir), str(CONFIGS)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    trainer = run(to_train_config(composed(*overrides, "trainer.max_steps=2")))
+    assert "save failed: [Errno 27] File too large" in result.stdout, (
+        result.stdout[-2000:] + result.stderr[-3000:]
+    )
     last = tmp_path / "checkpoints" / "last.ckpt"
-    before = last.read_bytes()
-
-    class Unpicklable:
-        def __reduce__(self):
-            raise RuntimeError("disk full")  # fails in the middle of serializing the checkpoint
-
-    module = trainer.lightning_module
-    module.on_save_checkpoint = lambda checkpoint: checkpoint.update(poison=Unpicklable())
-    with pytest.raises(RuntimeError, match="disk full"):
-        trainer.save_checkpoint(last)
-    assert last.read_bytes() == before
-    resumed = run(to_train_config(composed(*overrides, "trainer.max_steps=3", "resume=last")))
-    assert resumed.global_step == 3
+    assert read_checkpoint(last)["global_step"] == 2  # the complete file from step 2, readable
+    resumed = train(tmp_path, "resume=last", "trainer.max_steps=3", sample_dir=sample_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sorted(logged(tmp_path, "train/loss")) == [2]
 
 
 POISONED_DEEPSPEED_SAVE = """
