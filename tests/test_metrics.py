@@ -97,3 +97,53 @@ def test_lpips_is_zero_for_identical_frames_and_grows_with_distortion(tmp_path):
     torch.save({"lin0": torch.zeros(3)}, tmp_path / "wrong.pt")
     with pytest.raises(ValueError, match="not LPIPS-AlexNet weights"):
         load_lpips(tmp_path / "wrong.pt")
+
+
+class CapturingNetwork(torch.nn.Module):
+    """Records what a feature network is fed: the preprocessing is what these tests check."""
+
+    def __init__(self, outputs: int):
+        super().__init__()
+        self.outputs, self.inputs = outputs, []
+
+    def forward(self, x):
+        self.inputs.append(x)
+        return torch.zeros(len(x), self.outputs)
+
+
+def test_i3d_is_fed_rgb_clips_at_224x224_in_minus_one_to_one():
+    # The reference FVD (Unterthiner et al.; StyleGAN-V's port): RGB frames resized to 224x224,
+    # pixel values scaled from [0, 255] to [-1, 1], layout (N, C, T, H, W).
+    from worldmodel.eval.i3d import i3d_features
+
+    network = CapturingNetwork(400)
+    video = torch.zeros(2, 9, 32, 48, 3, dtype=torch.uint8)
+    video[..., 0] = 255  # pure red
+    video[..., 2] = 51  # a fifth of blue
+    i3d_features(network, video)
+    (clips,) = network.inputs
+    assert clips.shape == (2, 3, 9, 224, 224)
+    torch.testing.assert_close(clips[:, 0], torch.ones_like(clips[:, 0]))  # R first: 255 -> +1
+    torch.testing.assert_close(clips[:, 1], -torch.ones_like(clips[:, 1]))  # 0 -> -1
+    torch.testing.assert_close(clips[:, 2], torch.full_like(clips[:, 2], 51 / 127.5 - 1))
+
+
+def test_lpips_scales_its_inputs_with_the_reference_constants():
+    # The lpips package (Zhang et al., v0.1): images in [-1, 1], then its ScalingLayer's
+    # shift [-.030, -.088, -.188] and scale [.458, .448, .450]; AlexNet's five ReLU outputs.
+    from worldmodel.eval import lpips
+
+    torch.testing.assert_close(lpips.SHIFT.flatten(), torch.tensor([-0.030, -0.088, -0.188]))
+    torch.testing.assert_close(lpips.SCALE.flatten(), torch.tensor([0.458, 0.448, 0.450]))
+    network = lpips.LPIPS()
+    assert [type(network.features[i]) for i in lpips.TAPS] == [torch.nn.ReLU] * 5
+    assert [network.features[i - 1].out_channels for i in lpips.TAPS] == list(lpips.CHANNELS)
+    seen = []
+    network.features[0].register_forward_hook(lambda module, args, output: seen.append(args[0]))
+    frame = torch.zeros(1, 64, 64, 3, dtype=torch.uint8)
+    frame[..., 1] = 255  # pure green
+    network(frame, frame)
+    expected = (torch.tensor([-1.0, 1.0, -1.0]) - torch.tensor([-0.030, -0.088, -0.188])) / torch.tensor(
+        [0.458, 0.448, 0.450]
+    )
+    torch.testing.assert_close(seen[0][0, :, 0, 0], expected)
