@@ -206,6 +206,7 @@ class Signals:
 
     def __init__(self):
         self.received: int | None = None
+        self.stopping = False  # a safe point was reached: the normal stop (checkpoint, exit) runs
         self.grace_s: float = 180.0
         self.on_stall = None  # (signum) -> None, before the watchdog's exit
         self.forward = None  # (signum) -> None: hand the signal on to ranks this process started
@@ -225,6 +226,8 @@ class Signals:
 
     def _watchdog(self, signum: int) -> None:
         time.sleep(self.grace_s)
+        if self.stopping:  # however long its checkpoint takes, the normal stop is under way
+            return
         print(
             f"{signal.Signals(signum).name} received {self.grace_s:.0f} s ago and no step finished "
             f"since (a data stall or a hung collective?): exiting without a new checkpoint; the "
@@ -278,6 +281,7 @@ class Preemption(L.Callback):
 
     def _stop_if_signalled(self, trainer) -> None:
         if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+            self.signals.stopping = True
             raise SIGTERMException()
 
 
