@@ -164,15 +164,15 @@ def test_a_preempted_dynamics_run_with_ema_resumes_exactly(tmp_path, atari_dir, 
         "model=dynamics_debug",
         f"task.tokenizer_checkpoint={tokenizer_checkpoint}",
         "optim.ema_decay=0.5",
-        "optim.schedule_steps=6",
-        "trainer.max_steps=6",
+        "optim.schedule_steps=20",
+        "trainer.max_steps=20",
         "trainer.checkpoint_every_n_steps=0",
         "data.num_workers=1",
     )
     stopped_at, expected, after = preempted_and_resumed(
         tmp_path / "full", tmp_path / "cut", *dynamics, sample_dir=atari_dir
     )
-    assert stopped_at < 6 and sorted(after) == list(range(stopped_at, 6))
+    assert stopped_at < 20 and sorted(after) == list(range(stopped_at, 20))
     assert [after[step] for step in after] == [expected[step] for step in after]
     final_full = read_checkpoint(tmp_path / "full" / "checkpoints" / "last.ckpt")
     final_cut = read_checkpoint(tmp_path / "cut" / "checkpoints" / "last.ckpt")
