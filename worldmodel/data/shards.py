@@ -98,7 +98,7 @@ class ShardSetWriter:
         index = {"format": INDEX_FORMAT, **asdict(self.info), "splits": {}}
         for split in SPLITS:
             shards = [
-                {"name": name, "clips": count, **_file_digest(self.out_dir / name)}
+                {"name": name, "clips": count, **file_digest(self.out_dir / name)}
                 for name, count in sorted(self._clips_per_file[split].items())
             ]
             index["splits"][split] = {"clips": sum(s["clips"] for s in shards), "shards": shards}
@@ -129,7 +129,8 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _file_digest(path: Path) -> dict:
+def file_digest(path: Path) -> dict:
+    """A shard's size and sha256, as `dataset.json` records them (and `worldmodel verify` checks)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

@@ -11,7 +11,7 @@ import json
 import tarfile
 from pathlib import Path
 
-from worldmodel.data.shards import SPLITS, _file_digest, checksum, read_index
+from worldmodel.data.shards import SPLITS, checksum, file_digest, read_index
 
 
 def verify_folder(folder: str | Path) -> tuple[list[str], int]:
@@ -26,7 +26,7 @@ def verify_folder(folder: str | Path) -> tuple[list[str], int]:
             if not path.is_file():
                 problems.append(f"{path}: missing")
                 continue
-            digest = _file_digest(path)
+            digest = file_digest(path)
             if digest != {"bytes": shard["bytes"], "sha256": shard["sha256"]}:
                 problems.append(f"{path}: sha256 or size differs from {folder / 'dataset.json'}")
             shard_problems, samples = verify_shard(path)
