@@ -103,13 +103,13 @@ def test_a_preempted_job_checkpoints_requeues_itself_and_finishes_from_where_it_
     job = submit(cluster, "train.sbatch", *overrides, log=log, RUN_DIR=str(run_dir))
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and max(logged(run_dir, "train/loss"), default=-1) < 3:
-        assert cluster.job_state(job) in {"PENDING", "RUNNING"}, log.read_text()[-3000:]
+        assert cluster.job_state(job) in {"PENDING", "RUNNING"}, log.read_text(errors="replace")[-3000:]
         time.sleep(0.5)
     # What `#SBATCH --signal=USR1@300` does before the time limit: SIGUSR1 to every task of the job.
     cluster.run("scancel", "--signal=USR1", job)
     release_requeued(cluster, job)
     state = cluster.wait_for(job, {"COMPLETED"}, timeout=300)
-    output = log.read_text()
+    output = log.read_text(errors="replace")
     assert state == "COMPLETED", output[-3000:]
     assert cluster.job_field(job, "Restarts") == "1", output[-3000:]
     stopped_at = int(output.split("preempted at step ")[1].split(";")[0])
