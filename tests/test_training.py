@@ -1,3 +1,4 @@
+import os
 import signal
 import time
 from pathlib import Path
@@ -280,15 +281,22 @@ def test_a_resumed_run_reaches_the_same_losses_as_an_uninterrupted_one(tmp_path,
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
 def test_a_preemption_signal_mid_run_checkpoints_and_the_run_resumes(tmp_path, sample_dir, signum):
     process = start_training(
-        tmp_path, "trainer.max_steps=500", "trainer.checkpoint_every_n_steps=0", sample_dir=sample_dir
+        tmp_path,
+        "trainer.max_steps=500",
+        "trainer.checkpoint_every_n_steps=0",
+        "data.num_workers=2",
+        sample_dir=sample_dir,
+        start_new_session=True,  # its own process group: the run, its loader workers and helpers
     )
     deadline = time.time() + 120
     while time.time() < deadline and max(logged(tmp_path, "train/loss"), default=-1) < 3:
         time.sleep(0.5)
-    process.send_signal(signum)
+    # As a scheduler does: the signal goes to every process of the job, loader workers included.
+    os.killpg(process.pid, signum)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 0, output[-3000:]
     assert "preempted at step" in output
+    assert "died unexpectedly" not in output and "exited unexpectedly" not in output, output[-3000:]
     stopped_at = int(output.split("preempted at step ")[1].split(";")[0])
     assert 3 <= stopped_at < 500
     assert (tmp_path / "checkpoints" / "on_exception.ckpt").is_file()

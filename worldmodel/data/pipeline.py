@@ -24,7 +24,9 @@ import io
 import json
 import logging
 import multiprocessing
+import multiprocessing.forkserver
 import random
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -43,6 +45,23 @@ log = logging.getLogger("worldmodel.data")
 # decord) and nothing else: they start fast and small (see ClipLoader.__iter__).
 WORKER_CONTEXT = multiprocessing.get_context("forkserver")
 WORKER_CONTEXT.set_forkserver_preload([__name__])
+
+
+def start_worker_server(deaf_to: tuple[int, ...]) -> None:
+    """Start the workers' forkserver (and the resource tracker it needs) ignoring the signals
+    `deaf_to`. A scheduler signals every process of a job (SLURM's SIGUSR1 before the limit,
+    submitit's SIGUSR2, SIGTERM), and these helpers must outlive it while the main process
+    finishes its step and checkpoints: by default SIGUSR1/2 kill them, and the main process then
+    fails at a random point with "DataLoader worker exited unexpectedly". An ignored signal stays
+    ignored across fork and exec, so the server, the tracker and every worker forked later ignore
+    these; the workers still end with the main process (torch's workers watch their parent)."""
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in deaf_to}
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
 
 SKIP_CAUSES = ("tar", "json", "corrupt", "video", "actions")
 

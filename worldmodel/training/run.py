@@ -18,11 +18,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from worldmodel.config import ConfigError, TrainConfig, derive_batch
 from worldmodel.data.datamodule import VideoDataModule
+from worldmodel.data.pipeline import start_worker_server
 from worldmodel.training.budget import budget_steps, run_size, write_summary
 from worldmodel.training.callbacks import (
     EMA,
     REQUEUE_SIGNALS,
     SIGNALS,
+    STOP_SIGNALS,
     CheckpointOnException,
     DataPosition,
     NonFiniteError,
@@ -138,6 +140,8 @@ def build_trainer(config: TrainConfig) -> L.Trainer:
 def prepare(config: TrainConfig) -> tuple[VideoDataModule, WorldModelModule, L.Trainer, str | None]:
     """Everything that can fail on bad input before training starts: data index, tokenizer and
     resume checkpoints, the trainer. Stop signals are heard from here on."""
+    if config.data.num_workers:
+        start_worker_server(deaf_to=STOP_SIGNALS)  # the signals are the main process's to act on
     SIGNALS.install(config.trainer.signal_grace_s, on_stall=_requeue_after_stall)
     L.seed_everything(config.seed, workers=True)
     overfitting = config.trainer.overfit_batches > 0  # debug=overfit: the same batches every step
