@@ -1,4 +1,5 @@
-"""The `worldmodel` command: prepare shards, look inside them, size up models, export checkpoints."""
+"""The `worldmodel` command: prepare shards, tokenize them, look inside them, size up models, export
+checkpoints."""
 
 from __future__ import annotations
 
@@ -53,6 +54,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = prepare.add_parser("sample", help="the embedded default dataset (real footage, offline)")
     sample.add_argument("--out", required=True)
+
+    tokenize = commands.add_parser(
+        "tokenize", help="encode a prepared folder once into token shards for the dynamics stage"
+    )
+    tokenize.add_argument("checkpoint", help="a tokenizer checkpoint (file, DeepSpeed folder or export)")
+    tokenize.add_argument("--data", required=True, help="prepared video folder (with dataset.json)")
+    tokenize.add_argument("--out", required=True, help="token folder; run again to continue it")
+    tokenize.add_argument(
+        "--devices", type=int, default=1, help="processes, one GPU each where there are GPUs"
+    )
+    tokenize.add_argument("--batch-size", type=int, default=16, help="windows encoded at once")
+    tokenize.add_argument(
+        "--frames", type=int, default=None, help="frames per window (default: as the tokenizer trained)"
+    )
+    tokenize.add_argument("--stride", type=int, default=None, help="default: as the tokenizer trained")
+    tokenize.add_argument(
+        "--hop", type=int, default=1, help="encode every hop-th window only (1: all, as from video)"
+    )
+    tokenize.add_argument(
+        "--weights", choices=("ema", "raw"), default="ema", help="the EMA where training kept one, or raw"
+    )
 
     info = commands.add_parser("info", help="parameters, FLOPs and per-GPU memory of a model preset")
     info.add_argument("model", help="a preset name, e.g. dynamics_l or tokenizer_m")
@@ -277,6 +299,25 @@ def _run(args: argparse.Namespace) -> None:
             for name, split in index["splits"].items()
         )
         print(f"wrote {Path(args.out) / 'dataset.json'}: {splits}")
+    elif args.command == "tokenize":
+        from worldmodel.data.tokens import tokenize
+
+        if min(args.devices, args.batch_size, args.hop) < 1:
+            raise ValueError("--devices, --batch-size and --hop must be >= 1")
+        index = tokenize(
+            args.checkpoint,
+            args.data,
+            args.out,
+            devices=args.devices,
+            batch_size=args.batch_size,
+            frames=args.frames,
+            stride=args.stride,
+            hop=args.hop,
+            weights=args.weights,
+        )
+        skipped = {cause: count for cause, count in index["skipped"].items() if count}
+        splits = ", ".join(f"{name} {split['clips']} clips" for name, split in index["splits"].items())
+        print(f"wrote {Path(args.out) / 'dataset.json'}: {splits}; skipped: {skipped or 'none'}")
     elif args.command == "info":
         _info(args)
     elif args.command == "inspect":

@@ -6,7 +6,9 @@ OmegaConf builds structured configs from these classes, so a wrong type fails on
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 class ConfigError(ValueError):
@@ -142,14 +144,7 @@ class TaskConfig:
             "task.context_noise",
             "noise applies to clean context: set task.clean_context=true or context_noise=0",
         )
-        if self.stage == "dynamics":
-            _require(
-                self.tokenizer_checkpoint is not None,
-                "task.tokenizer_checkpoint",
-                "the dynamics stage needs a trained tokenizer checkpoint (train task=tokenizer first)",
-            )
-            from pathlib import Path
-
+        if self.stage == "dynamics" and self.tokenizer_checkpoint is not None:
             _require(
                 Path(self.tokenizer_checkpoint).exists(),
                 "task.tokenizer_checkpoint",
@@ -339,6 +334,14 @@ class TrainConfig:
             f"pick model={self.task.stage}_...",
         )
         derive_batch(self.data.global_batch_size, self.trainer.world_size, self.data.micro_batch_size)
+        _require(
+            self.task.stage != "dynamics"
+            or self.task.tokenizer_checkpoint is not None
+            or _holds_tokens(self.data.root),
+            "task.tokenizer_checkpoint",
+            "the dynamics stage needs a trained tokenizer checkpoint (train task=tokenizer first), "
+            "or token shards that name theirs (data=tokens data.root=DIR from `worldmodel tokenize`)",
+        )
         if self.strategy.name == "fsdp":
             _require(
                 self.trainer.accelerator == "gpu", "strategy.name", "fsdp needs GPUs; on CPU use deepspeed"
@@ -355,6 +358,19 @@ class TrainConfig:
             "trainer.skip_nonfinite_steps",
             "DeepSpeed's engine owns the gradients and cannot skip a step: use strategy=ddp or 0 (stop)",
         )
+
+
+def _holds_tokens(root: str | None) -> bool:
+    """Whether `root` is a folder of token shards (its dataset.json says so)."""
+    from worldmodel.data.shards import TOKENS_FORMAT
+
+    index = Path(root or "") / "dataset.json"
+    if not root or not index.is_file():
+        return False
+    try:
+        return json.loads(index.read_text()).get("format") == TOKENS_FORMAT
+    except json.JSONDecodeError:
+        return False  # the data module reports the broken index
 
 
 def register_schema() -> None:

@@ -10,7 +10,7 @@ import webdataset as wds
 
 from worldmodel.config import ConfigError, DataConfig, derive_batch
 from worldmodel.data.pipeline import ClipLoader, ClipSpec, ClipStream
-from worldmodel.data.shards import read_index, shard_paths
+from worldmodel.data.shards import TOKENS_FORMAT, read_index, shard_paths
 
 
 def expand_shards(patterns: list[str]) -> list[str]:
@@ -19,7 +19,9 @@ def expand_shards(patterns: list[str]) -> list[str]:
 
 
 class VideoDataModule(L.LightningDataModule):
-    """Clips from prepared shards; the per-device batch comes from the global batch size."""
+    """Clips from prepared shards, or their tokens from token shards (`worldmodel tokenize`,
+    batches with "tokens" instead of "video"); the per-device batch comes from the global batch
+    size."""
 
     def __init__(
         self,
@@ -38,6 +40,7 @@ class VideoDataModule(L.LightningDataModule):
         self._rank, self._world_size = rank, world_size
         # Shard URLs, when given, replace the prepared folder (and its dataset.json) entirely.
         self.index = read_index(config.root) if config.root and not config.train_shards else None
+        self.tokens = self.index is not None and self.index["format"] == TOKENS_FORMAT
         self._num_actions = self._action_space()
         self.spec = self._clip_spec()
         self.train_loader: ClipLoader | None = None
@@ -102,10 +105,18 @@ class VideoDataModule(L.LightningDataModule):
         spec = ClipSpec(
             frames=cfg.frames,
             stride=stride,
-            height=index["height"] if index else None,
-            width=index["width"] if index else None,
+            height=index["height"] if index and not self.tokens else None,
+            width=index["width"] if index and not self.tokens else None,
             num_actions=self._num_actions,
         )
+        window = index["window"] if self.tokens else None
+        if window and (window["frames"], window["stride"]) != (spec.frames, spec.stride):
+            raise ConfigError(
+                f"data.frames: the token shards in {cfg.root} hold windows of {window['frames']} frames "
+                f"at stride {window['stride']}, this run reads {spec.frames} at stride {spec.stride}: set "
+                f"data.frames={window['frames']} data.stride={window['stride']}, or tokenize again "
+                f"with --frames {spec.frames} --stride {spec.stride}"
+            )
         if index and spec.span > index["frames_per_clip"]:
             raise ConfigError(
                 f"data.frames: {cfg.frames} frames at stride {stride} span {spec.span} stored frames, "

@@ -11,7 +11,8 @@ Validation streams read every sample once, in shard order, sample i going to the
 whose index is i modulo their number.
 
 Bad samples (unreadable tar members, a missing or malformed json, a member that does not match
-its checksum, an undecodable or short video, actions that do not match the frames) are skipped,
+its checksum, an undecodable or short video, unreadable tokens, actions that do not match the
+frames) are skipped,
 logged with key and shard, and counted (the first few logged one by one, then summarised); the
 run stops with a message naming the causes when the skipped fraction passes
 `max_skip_fraction`, judged at every batch and, in each worker, as samples are read (once a
@@ -63,7 +64,7 @@ def start_worker_server(deaf_to: tuple[int, ...]) -> None:
             signal.signal(signum, handler)
 
 
-SKIP_CAUSES = ("tar", "json", "corrupt", "video", "actions")
+SKIP_CAUSES = ("tar", "json", "corrupt", "video", "tokens", "actions")
 
 
 class BadSample(Exception):
@@ -93,23 +94,44 @@ class ClipSpec:
 
 
 def decode_sample(sample: dict, spec: ClipSpec, rng: np.random.Generator | None) -> dict:
-    """Turn a raw WebDataset sample into {key, video (T,H,W,3) uint8, actions (T,) int64}.
+    """Turn a raw WebDataset sample into {key, video (T,H,W,3) uint8 | tokens (T,h,w), actions
+    (T,) int64, source}: a video sample is decoded, a token sample (`worldmodel tokenize`) gives
+    the tokens of the same window.
 
     `rng` picks a random start (training); without it the clip starts at frame 0.
     Raises BadSample naming the cause.
     """
+    meta, stored_frames = sample_metadata(sample)
+    verify_checksums(sample, meta)
+    cause = "tokens" if "tokens.npy" in sample else "video"
+    if stored_frames < spec.span:
+        raise BadSample(cause, f"{stored_frames} frames, {spec.span} needed")
+    # Windows start every frame of a video; token samples hold those every `hop` frames.
+    hop = _token_window(meta, spec)["hop"] if cause == "tokens" else 1
+    starts = (stored_frames - spec.span) // hop + 1
+    choice = int(rng.integers(starts)) if rng is not None else 0
+    indices = list(range(choice * hop, choice * hop + spec.span, spec.stride))
+    if cause == "tokens":
+        clip = {"tokens": _window_tokens(sample, choice, starts, spec)}
+    else:
+        clip = {"video": _video(sample, indices, stored_frames, spec)}
+    clip["actions"] = _actions(sample, indices, stored_frames, spec)
+    source = str(meta.get("source", ""))  # e.g. "atari/Boxing": eval reports each source apart
+    return {"key": sample["__key__"], **clip, "source": source}
+
+
+def sample_metadata(sample: dict) -> tuple[dict, int]:
+    """A sample's json and the number of frames stored in it; BadSample "json" when unusable."""
     if "json" not in sample:
         raise BadSample("json", "no json member")
     try:
         meta = json.loads(sample["json"])
-        stored_frames = int(meta["frames"])
+        return meta, int(meta["frames"])
     except (ValueError, TypeError, KeyError) as error:
         raise BadSample("json", f"malformed metadata ({type(error).__name__}: {error})") from error
-    verify_checksums(sample, meta)
-    if stored_frames < spec.span:
-        raise BadSample("video", f"{stored_frames} frames, {spec.span} needed")
-    start = int(rng.integers(stored_frames - spec.span + 1)) if rng is not None else 0
-    indices = list(range(start, start + spec.span, spec.stride))
+
+
+def _video(sample: dict, indices: list[int], stored_frames: int, spec: ClipSpec) -> np.ndarray:
     if not sample.get("mp4"):
         raise BadSample("video", "no or empty mp4 member")
     try:
@@ -118,24 +140,44 @@ def decode_sample(sample: dict, spec: ClipSpec, rng: np.random.Generator | None)
         raise BadSample("video", str(error)) from error
     if spec.height is not None and video.shape[1:3] != (spec.height, spec.width):
         raise BadSample("video", f"size {video.shape[1:3]}, expected {(spec.height, spec.width)}")
-    if "actions.npy" in sample:
-        try:
-            actions = np.load(io.BytesIO(sample["actions.npy"]), allow_pickle=False)
-        except ValueError as error:
-            raise BadSample("actions", f"unreadable actions.npy ({error})") from error
-        if actions.shape != (stored_frames,) or not np.issubdtype(actions.dtype, np.integer):
-            raise BadSample(
-                "actions", f"actions {actions.dtype}{actions.shape}, expected int ({stored_frames},)"
-            )
-        actions = actions[indices].astype(np.int64)
-        if spec.num_actions is not None and ((actions < NULL_ACTION) | (actions >= spec.num_actions)).any():
-            raise BadSample(
-                "actions", f"action ids {actions.min()}..{actions.max()} outside [0, {spec.num_actions})"
-            )
-    else:
-        actions = np.full(len(indices), NULL_ACTION, dtype=np.int64)
-    source = str(meta.get("source", ""))  # e.g. "atari/Boxing": eval reports each source apart
-    return {"key": sample["__key__"], "video": video, "actions": actions, "source": source}
+    return video
+
+
+def _token_window(meta: dict, spec: ClipSpec) -> dict:
+    """The windows a token sample holds ({frames, stride, hop}); they must be the run's."""
+    window = meta.get("window")
+    wanted = (spec.frames, spec.stride)
+    if not isinstance(window, dict) or (window.get("frames"), window.get("stride")) != wanted:
+        raise BadSample("tokens", f"windows {window} encoded, the run reads {wanted} (frames, stride)")
+    return {"hop": 1, **window}
+
+
+def _window_tokens(sample: dict, choice: int, starts: int, spec: ClipSpec) -> np.ndarray:
+    """The tokens of window number `choice` (data/tokens.py: a token sample holds every window)."""
+    try:
+        tokens = np.load(io.BytesIO(sample["tokens.npy"]), allow_pickle=False)
+    except ValueError as error:
+        raise BadSample("tokens", f"unreadable tokens.npy ({error})") from error
+    if tokens.ndim != 4 or tokens.shape[:2] != (starts, spec.frames):
+        raise BadSample("tokens", f"tokens {tokens.shape}, expected ({starts}, {spec.frames}, h, w)")
+    return tokens[choice].astype(np.int64)  # (T, h, w)
+
+
+def _actions(sample: dict, indices: list[int], stored_frames: int, spec: ClipSpec) -> np.ndarray:
+    if "actions.npy" not in sample:
+        return np.full(len(indices), NULL_ACTION, dtype=np.int64)
+    try:
+        actions = np.load(io.BytesIO(sample["actions.npy"]), allow_pickle=False)
+    except ValueError as error:
+        raise BadSample("actions", f"unreadable actions.npy ({error})") from error
+    if actions.shape != (stored_frames,) or not np.issubdtype(actions.dtype, np.integer):
+        raise BadSample("actions", f"actions {actions.dtype}{actions.shape}, expected int ({stored_frames},)")
+    actions = actions[indices].astype(np.int64)
+    if spec.num_actions is not None and ((actions < NULL_ACTION) | (actions >= spec.num_actions)).any():
+        raise BadSample(
+            "actions", f"action ids {actions.min()}..{actions.max()} outside [0, {spec.num_actions})"
+        )
+    return actions
 
 
 _warned_unchecked = False
@@ -377,8 +419,10 @@ def skip_limit_error(
 
 
 def _collate(clips: list[dict], progress: WorkerProgress) -> dict:
+    # video (B, T, H, W, 3) uint8, or tokens (B, T, h, w) int64 from token shards
+    payload = "tokens" if "tokens" in clips[0] else "video"
     return {
-        "video": torch.from_numpy(np.stack([c["video"] for c in clips])),  # (B, T, H, W, 3) uint8
+        payload: torch.from_numpy(np.stack([c[payload] for c in clips])),
         "actions": torch.from_numpy(np.stack([c["actions"] for c in clips])),  # (B, T) int64
         "key": [c["key"] for c in clips],
         "source": [c["source"] for c in clips],

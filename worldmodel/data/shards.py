@@ -24,6 +24,7 @@ import webdataset as wds
 
 INDEX_NAME = "dataset.json"
 INDEX_FORMAT = "worldmodel-shards/1"
+TOKENS_FORMAT = "worldmodel-tokens/1"  # a folder of token shards (worldmodel/data/tokens.py)
 SPLITS = ("train", "val")
 
 
@@ -158,8 +159,10 @@ def read_index(folder: str | os.PathLike) -> dict:
         index = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON ({error}); re-run `worldmodel prepare`") from error
-    if index.get("format") != INDEX_FORMAT:
-        raise ValueError(f"{path}: format {index.get('format')!r}, expected {INDEX_FORMAT!r}")
+    if index.get("format") not in (INDEX_FORMAT, TOKENS_FORMAT):
+        raise ValueError(
+            f"{path}: format {index.get('format')!r}, expected {INDEX_FORMAT!r} or {TOKENS_FORMAT!r}"
+        )
     return index
 
 

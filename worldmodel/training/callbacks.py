@@ -104,7 +104,7 @@ class Throughput(L.Callback):
         now = time.perf_counter()
         if self._batch_end is not None:  # the first batch includes start-up: not a measurement
             step = now - self._batch_end
-            video = batch["video"]
+            video = module.video_like(batch)
             frames, tokens_per_frame = module.token_grid(video)
             clips, tokens = len(video), len(video) * frames * tokens_per_frame
             achieved = module.flops_per_token(video) * tokens / step

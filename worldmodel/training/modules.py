@@ -86,6 +86,15 @@ class WorldModelModule(L.LightningModule):
         downsample = self.tokenizer_config.downsample
         return frames, (height // downsample) * (width // downsample)
 
+    def video_like(self, batch: dict) -> torch.Tensor:
+        """The batch's video; for a batch of tokens, an empty (meta) tensor shaped like the video
+        they encode, for what is computed from clip shapes (FLOPs, tokens per step)."""
+        if "video" in batch:
+            return batch["video"]
+        batch_size, frames, height, width = batch["tokens"].shape
+        downsample = self.tokenizer_config.downsample
+        return torch.empty(batch_size, frames, height * downsample, width * downsample, 3, device="meta")
+
     # -- the shared path -------------------------------------------------------------------
     def configure_model(self) -> None:
         """Build the network here, not in __init__: under ZeRO-3 Lightning calls this inside
@@ -114,11 +123,11 @@ class WorldModelModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         generator = torch.Generator(device=self.device).manual_seed(batch_idx)
         loss, metrics = self.compute_loss(batch, generator)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["video"]))
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["actions"]))
         self.log_dict(
             {f"val/{name}": value for name, value in metrics.items()},
             sync_dist=True,
-            batch_size=len(batch["video"]),
+            batch_size=len(batch["actions"]),
         )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -133,8 +142,8 @@ class WorldModelModule(L.LightningModule):
         if spec is not None:
             index = self.trainer.datamodule.index or {}
             checkpoint["data"] = {  # the clips it was trained on
-                "height": spec.height,
-                "width": spec.width,
+                "height": index.get("height", spec.height),  # token shards: the size of their video
+                "width": index.get("width", spec.width),
                 "frames": spec.frames,
                 "stride": spec.stride,
                 "fps": index["fps"] / spec.stride if index.get("fps") else None,
@@ -241,14 +250,19 @@ class DynamicsModule(WorldModelModule):
         self.tokenizer.to(self.device)
 
     def compute_loss(self, batch, generator):
+        task = self.config.task
+        return self.net.training_loss(
+            self.tokens(batch), batch["actions"], generator, task.clean_context, task.context_noise
+        )
+
+    def tokens(self, batch: dict) -> torch.Tensor:
+        """The batch's token ids (B, T, h, w): read from token shards, or encoded here."""
+        if "tokens" in batch:
+            return batch["tokens"]
         # The frozen tokenizer runs in fp32 whatever the precision of training: FSQ rounds to a
         # grid, and bf16 would move codes across it, giving tokens that eval never sees.
         with torch.autocast(self.device.type, enabled=False):
-            tokens = self.tokenizer.encode(batch["video"])  # (B, T, h, w)
-        task = self.config.task
-        return self.net.training_loss(
-            tokens, batch["actions"], generator, task.clean_context, task.context_noise
-        )
+            return self.tokenizer.encode(batch["video"])
 
     @property
     def tokenizer_config(self):
@@ -265,9 +279,14 @@ class DynamicsModule(WorldModelModule):
 
     @torch.no_grad()
     def preview(self, batch):
-        video, actions = batch["video"][:1], batch["actions"][:1]
+        actions = batch["actions"][:1]
+        if "tokens" in batch:  # from token shards, the truth shown is the tokenizer's reconstruction
+            tokens = batch["tokens"][:1]
+            video = self.tokenizer.decode(tokens)
+        else:
+            video = batch["video"][:1]
+            tokens = self.tokens({"video": video})
         context = self.config.task.context_frames
-        tokens = self.tokenizer.encode(video)
         generator = torch.Generator(device=self.device).manual_seed(0)
         rollout = self.net.generate(
             tokens[:, :context],

@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from worldmodel.config import ConfigError, TrainConfig, derive_batch
 from worldmodel.data.datamodule import VideoDataModule
 from worldmodel.data.pipeline import start_worker_server
+from worldmodel.data.tokens import tokenizer_for_tokens
 from worldmodel.training.budget import budget_steps, run_size, write_summary
 from worldmodel.training.callbacks import (
     EMA,
@@ -56,7 +57,10 @@ def build_module(config: TrainConfig, data: VideoDataModule, resume: str | None)
     recorded = checkpoint_header(resume).get("net_config") if resume else None
     if config.task.stage == "tokenizer":
         return TokenizerModule(config, recorded)
-    tokenizer = load_tokenizer(config.task.tokenizer_checkpoint)
+    if data.tokens:  # the tokens name their tokenizer; a given checkpoint must be that one
+        tokenizer = tokenizer_for_tokens(data.index, config.data.root, config.task.tokenizer_checkpoint)
+    else:
+        tokenizer = load_tokenizer(config.task.tokenizer_checkpoint)
     return DynamicsModule(config, tokenizer, num_actions=data.num_actions or 0, recorded=recorded)
 
 

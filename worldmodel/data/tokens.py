@@ -1,0 +1,333 @@
+"""Token shards: a prepared video folder encoded once by a frozen tokenizer (`worldmodel tokenize`),
+so that every dynamics run and every size of a sweep trains from tokens instead of re-running
+the tokenizer on every clip of every step.
+
+The tokenizer's encoder attends causally over the frames of a window (relative positions), so
+a frame's tokens depend on the window they were encoded in. A token sample therefore holds, for
+one stored clip, the tokens of every window the loader can draw from it (each start; `frames`
+frames taken every `stride`): `tokens.npy` (starts, frames, h, w), in the smallest integer type
+that holds the vocabulary. The loader picks the window with the same randomness as from video,
+so a run from tokens trains on exactly the tokens a run from video computes. That costs one
+encoding per start: `hop` > 1 keeps every hop-th start only, when a dataset is too large for it.
+Beside the tokens: `actions.npy` (the clip's actions, as in the video shard) and a json with the
+source key, shard and position, the stored frame count, the window and checksums.
+
+One token shard per video shard, same name. A shard is written to a temporary file and renamed
+when complete, after its record (`.NAME.json`: clips written, clips skipped by cause), so an
+interrupted run, started again, redoes only the shards without a file and gives byte-identical
+shards. `tokenize.json` names the tokenizer and window a folder is being made with; another
+tokenizer or window is refused there. `dataset.json` comes last, as with `prepare`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from tqdm import tqdm
+
+from worldmodel.data.pipeline import (
+    SKIP_CAUSES,
+    WORKER_CONTEXT,
+    BadSample,
+    ClipSpec,
+    decode_sample,
+    sample_metadata,
+)
+from worldmodel.data.shards import (
+    INDEX_NAME,
+    SPLITS,
+    TOKENS_FORMAT,
+    checksum,
+    file_digest,
+    npy_bytes,
+    read_index,
+    write_json_atomic,
+)
+
+log = logging.getLogger("worldmodel.data")
+
+MANIFEST_NAME = "tokenize.json"
+
+
+def tokenizer_identity(tokenizer: torch.nn.Module) -> str:
+    """A hash of the tokenizer's architecture and weights: equal exactly when it encodes alike."""
+    digest = hashlib.sha256(json.dumps(asdict(tokenizer.config), sort_keys=True).encode())
+    for name, value in sorted(tokenizer.state_dict().items()):
+        array = value.detach().cpu().contiguous()
+        digest.update(f"{name}:{array.dtype}:{tuple(array.shape)}".encode())
+        digest.update(array.view(torch.uint8).numpy().tobytes() if array.numel() else b"")
+    return f"sha256:{digest.hexdigest()}"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned integer type that holds every token id."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if vocab_size - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise ValueError(f"a vocabulary of {vocab_size} codes does not fit 32 bits")
+
+
+def window_starts(stored_frames: int, spec: ClipSpec, hop: int) -> range:
+    """The first frames of the windows of `spec` encoded from a clip: every `hop`-th start."""
+    return range(0, stored_frames - spec.span + 1, hop)
+
+
+@dataclass(frozen=True)
+class TokenizeJob:
+    """What every process needs to tokenize shards: the same for all of them."""
+
+    checkpoint: str
+    weights: str
+    spec: ClipSpec  # the windows encoded: frames, stride; the video's size and action set
+    hop: int  # frames between the starts of encoded windows (1: every window the loader can draw)
+    batch_size: int
+    out_dir: str
+
+
+_tokenizer = None  # each process loads the tokenizer once (tokenize_shard)
+_device = torch.device("cpu")
+
+
+def _start_process(job: TokenizeJob, device: str, threads: int) -> None:
+    global _tokenizer, _device
+    from worldmodel.training.checkpoint import load_tokenizer
+
+    torch.set_num_threads(threads)
+    _device = torch.device(device)
+    _tokenizer = load_tokenizer(job.checkpoint, job.weights).to(_device)
+
+
+def _device_for(slot: int) -> str:
+    return f"cuda:{slot % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+
+
+def _start_pool_process(job: TokenizeJob, slots, devices: int) -> None:
+    """Pool initializer: take the next free slot, so each process gets its own GPU."""
+    slot = slots.get()
+    threads = max(1, (os.cpu_count() or 1) // devices)
+    _start_process(job, _device_for(slot), threads)
+
+
+def encode_windows(
+    tokenizer, video: np.ndarray, spec: ClipSpec, hop: int, batch_size: int, device
+) -> np.ndarray:
+    """Token ids of the windows of one clip: video (S, H, W, 3) uint8 -> (starts, frames, h, w)."""
+    starts = window_starts(len(video), spec, hop)
+    windows = np.stack([video[start : start + spec.span : spec.stride] for start in starts])
+    # windows: (starts, frames, H, W, 3)
+    encoded = [
+        tokenizer.encode(torch.from_numpy(windows[first : first + batch_size]).to(device)).cpu()
+        for first in range(0, len(starts), batch_size)
+    ]
+    return torch.cat(encoded).numpy()  # (starts, frames, h, w)
+
+
+def tokenize_shard(job: TokenizeJob, split: str, url: str) -> dict:
+    """Encode one video shard into the token shard of the same name; returns its record."""
+    out_dir, name = Path(job.out_dir), Path(url).name
+    dtype = token_dtype(_tokenizer.vocab_size)
+    record = {"split": split, "name": name, "clips": 0, "skipped": dict.fromkeys(SKIP_CAUSES, 0)}
+    errors = []
+    samples = wds.tarfile_to_samples(handler=lambda error: errors.append(error) or True)([{"url": url}])
+    temporary = out_dir / f".{name}.partial"
+    with wds.TarWriter(str(temporary), mtime=0) as writer:
+        for position, sample in enumerate(samples):
+            try:
+                clip, meta = _whole_clip(sample, job.spec)
+            except BadSample as bad:
+                record["skipped"][bad.cause] += 1
+                log.warning("skipping %s in %s (%s: %s)", sample.get("__key__"), url, bad.cause, bad.detail)
+                continue
+            tokens = encode_windows(_tokenizer, clip["video"], job.spec, job.hop, job.batch_size, _device)
+            payload = {"tokens.npy": npy_bytes(tokens.astype(dtype))}
+            if "actions.npy" in sample:
+                payload["actions.npy"] = sample["actions.npy"]
+            writer.write(
+                {
+                    "__key__": clip["key"],
+                    **payload,
+                    "json": {
+                        "source": clip["source"],
+                        "source_key": clip["key"],
+                        "source_shard": name,
+                        "position": position,  # the clip's index in its source shard
+                        "frames": meta["frames"],
+                        "window": {"frames": job.spec.frames, "stride": job.spec.stride, "hop": job.hop},
+                        "checksums": {member: checksum(data) for member, data in payload.items()},
+                    },
+                }
+            )
+            record["clips"] += 1
+    record["skipped"]["tar"] += len(errors)
+    for error in errors[:3]:
+        log.warning("unreadable part of %s (%s: %s)", url, type(error).__name__, error)
+    write_json_atomic(out_dir / f".{name}.json", record)  # before the shard: a shard has its record
+    os.replace(temporary, out_dir / name)
+    return record
+
+
+def _whole_clip(sample: dict, spec: ClipSpec) -> tuple[dict, dict]:
+    """Every stored frame of a video sample (checked as the loader checks it) and its json."""
+    meta, stored = sample_metadata(sample)
+    if stored < spec.span:
+        raise BadSample("video", f"{stored} frames, {spec.span} needed")
+    whole = ClipSpec(stored, 1, spec.height, spec.width, spec.num_actions)
+    return decode_sample(sample, whole, rng=None), meta
+
+
+def tokenize(
+    checkpoint: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    devices: int = 1,
+    batch_size: int = 16,
+    frames: int | None = None,
+    stride: int | None = None,
+    hop: int = 1,
+    weights: str = "ema",
+) -> dict:
+    """Encode every shard of a prepared folder; returns the token folder's `dataset.json`.
+
+    The window defaults to the clips the tokenizer was trained on (its checkpoint records them).
+    `devices` processes (GPUs where there are, else CPU processes sharing the cores) take the
+    shards one at a time. Started again after an interruption, it continues where it stopped.
+    `hop` > 1 encodes only every hop-th window of a clip (hop-times less work and storage; the
+    loader then draws among those, so runs no longer see the windows a video run would)."""
+    from worldmodel.training.checkpoint import read_stage_checkpoint, tokenizer_from
+
+    source = read_index(data_dir)
+    if source["format"] == TOKENS_FORMAT:
+        raise ValueError(f"{data_dir} holds tokens already: give the prepared video folder they came from")
+    stored, config = read_stage_checkpoint(checkpoint, "tokenizer")
+    tokenizer = tokenizer_from(stored, config, weights)
+    trained = stored.get("data") or {}
+    spec = ClipSpec(
+        frames=frames or trained.get("frames") or config["data"]["frames"],
+        stride=stride or trained.get("stride") or config["data"]["stride"],
+        height=source["height"],
+        width=source["width"],
+        num_actions=source["num_actions"],
+    )
+    if spec.span > source["frames_per_clip"]:
+        raise ValueError(
+            f"--frames {spec.frames} at stride {spec.stride} span {spec.span} frames, but clips in "
+            f"{data_dir} have {source['frames_per_clip']}"
+        )
+    grid = [size // tokenizer.config.downsample for size in (source["height"], source["width"])]
+    manifest = {
+        "format": TOKENS_FORMAT,
+        "source": str(Path(data_dir).resolve()),
+        "tokenizer": {
+            "identity": tokenizer_identity(tokenizer),
+            "checkpoint": str(Path(checkpoint).resolve()),
+            "weights": weights,
+            "config": asdict(tokenizer.config),
+            "vocab_size": tokenizer.vocab_size,
+        },
+        "window": {"frames": spec.frames, "stride": spec.stride, "hop": hop},
+        "grid": grid,
+        "dtype": token_dtype(tokenizer.vocab_size).name,
+    }
+    out = Path(out_dir)
+    _claim(out, manifest)
+    job = TokenizeJob(str(checkpoint), weights, spec, hop, batch_size, str(out))
+    todo = [
+        (split, str(Path(data_dir) / shard["name"]), shard["clips"])
+        for split in SPLITS
+        for shard in source["splits"][split]["shards"]
+        if not (out / shard["name"]).is_file()
+    ]
+    total = sum(split["clips"] for split in source["splits"].values())
+    done = total - sum(clips for *_, clips in todo)
+    with tqdm(total=total, initial=done, unit="clip", desc="tokenize") as progress:
+        if devices == 1:
+            _start_process(job, _device_for(0), torch.get_num_threads())
+            for split, url, clips in todo:
+                tokenize_shard(job, split, url)
+                progress.update(clips)
+        else:
+            slots = WORKER_CONTEXT.Manager().Queue()
+            for slot in range(devices):
+                slots.put(slot)
+            with ProcessPoolExecutor(
+                devices, WORKER_CONTEXT, initializer=_start_pool_process, initargs=(job, slots, devices)
+            ) as pool:
+                running = {pool.submit(tokenize_shard, job, split, url): clips for split, url, clips in todo}
+                for finished in as_completed(running):
+                    finished.result()
+                    progress.update(running[finished])
+    return _write_index(out, source, manifest)
+
+
+def _claim(out: Path, manifest: dict) -> None:
+    """Start a token folder, or continue one being made with the same tokenizer and window."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / MANIFEST_NAME
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        if previous != manifest:
+            differ = sorted(key for key in manifest if previous.get(key) != manifest[key])
+            raise ValueError(
+                f"{out} holds tokens made with another {', '.join(differ)} (see {path}): "
+                f"choose another --out, or delete that folder to start over"
+            )
+        return
+    (out / INDEX_NAME).unlink(missing_ok=True)
+    write_json_atomic(path, manifest)
+
+
+def _write_index(out: Path, source: dict, manifest: dict) -> dict:
+    """`dataset.json` of the finished token folder, from the shards' records."""
+    index = {"format": TOKENS_FORMAT}
+    index.update({key: source[key] for key in ("frames_per_clip", "height", "width", "fps", "num_actions")})
+    index["source"] = {**source.get("source", {}), "video": manifest["source"]}
+    index.update({key: manifest[key] for key in ("tokenizer", "window", "grid", "dtype")})
+    index["splits"], skipped = {}, dict.fromkeys(SKIP_CAUSES, 0)
+    for split in SPLITS:
+        shards = []
+        for shard in source["splits"][split]["shards"]:
+            record = json.loads((out / f".{shard['name']}.json").read_text())
+            for cause, count in record["skipped"].items():
+                skipped[cause] += count
+            if record["clips"]:
+                digest = file_digest(out / shard["name"])
+                shards.append({"name": shard["name"], "clips": record["clips"], **digest})
+        index["splits"][split] = {"clips": sum(shard["clips"] for shard in shards), "shards": shards}
+    index["skipped"] = skipped
+    write_json_atomic(out / INDEX_NAME, index)
+    return index
+
+
+def tokenizer_for_tokens(index: dict, root: str, checkpoint: str | None = None):
+    """The tokenizer that made a token folder's tokens (it decodes them for previews and travels
+    in the dynamics checkpoints): the given checkpoint, which must be that tokenizer, or without
+    one the checkpoint the folder records."""
+    from worldmodel.config import ConfigError
+    from worldmodel.training.checkpoint import load_tokenizer
+
+    recorded = index["tokenizer"]
+    path = checkpoint or recorded["checkpoint"]
+    if not Path(path).exists():
+        raise ConfigError(
+            f"task.tokenizer_checkpoint: the tokens in {root} were made by {path}, which does not exist "
+            f"here; set task.tokenizer_checkpoint to a copy of it"
+        )
+    tokenizer = load_tokenizer(path, recorded["weights"])
+    identity = tokenizer_identity(tokenizer)
+    if identity != recorded["identity"]:
+        raise ConfigError(
+            f"task.tokenizer_checkpoint: {path} (tokenizer {identity[:19]}) is not the tokenizer that "
+            f"made the tokens in {root} ({recorded['checkpoint']}, tokenizer {recorded['identity'][:19]}): "
+            f"point task.tokenizer_checkpoint at that one, leave it unset, or tokenize again with this one"
+        )
+    return tokenizer
