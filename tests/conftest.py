@@ -25,13 +25,26 @@ def sample_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer_checkpoint(tmp_path_factory, sample_dir) -> Path:
     """A real tokenizer checkpoint: two steps of in-process training on the sample data."""
+    run_dir = tmp_path_factory.mktemp("tokenizer_run")
+    return _train_tokenizer(run_dir, sample_dir, "trainer.max_steps=2", "trainer.checkpoint_every_n_steps=2")
+
+
+@pytest.fixture(scope="session")
+def trained_tokenizer(tmp_path_factory, sample_dir) -> Path:
+    """A tokenizer trained long enough (150 steps, ~15 s) that its tokens depend on the frames:
+    the two-step one above still maps every patch to one code."""
+    run_dir = tmp_path_factory.mktemp("trained_tokenizer")
+    more = ("trainer.max_steps=150", "data.global_batch_size=4", "trainer.checkpoint_every_n_steps=0")
+    return _train_tokenizer(run_dir, sample_dir, *more, "trainer.val_every_n_steps=1000")
+
+
+def _train_tokenizer(run_dir: Path, sample_dir: Path, *more: str) -> Path:
+    """In-process training of the debug tokenizer on the sample data; returns its last checkpoint."""
     from tests.training_helpers import composed
     from worldmodel.training.run import run, to_train_config
 
-    run_dir = tmp_path_factory.mktemp("tokenizer_run")
     overrides = ("experiment=demo_tokenizer", "logger=csv", f"run_dir={run_dir}", f"data.root={sample_dir}")
-    overrides += ("data.frames=4", "data.num_workers=0", "trainer.max_steps=2")
-    overrides += ("trainer.checkpoint_every_n_steps=2", "trainer.video_every_n_steps=0")
+    overrides += ("data.frames=4", "data.num_workers=0", "trainer.video_every_n_steps=0", *more)
     run(to_train_config(composed(*overrides)))
     return run_dir / "checkpoints" / "last.ckpt"
 
