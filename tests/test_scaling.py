@@ -81,15 +81,15 @@ def test_worldmodel_scaling_reads_run_folders_and_writes_table_fits_and_plot(tmp
 
 
 @pytest.mark.slow
-def test_a_submitit_local_sweep_runs_the_scaling_ladder_on_this_machine(
+def test_a_submitit_local_sweep_runs_the_scaling_ladder_on_this_machine_from_one_token_folder(
     sample_dir, tokenizer_checkpoint, tmp_path
 ):
     from tests.training_helpers import ROOT, scaling_sweep
+    from worldmodel.data.tokens import tokenize
 
-    sweep = tmp_path / "sweep"
-    command = scaling_sweep(
-        "submitit_local", tokenizer_checkpoint, sample_dir, sweep, tokens_per_parameter=0.02
-    )
+    tokens, sweep = tmp_path / "tokens", tmp_path / "sweep"
+    tokenize(tokenizer_checkpoint, sample_dir, tokens, frames=4, hop=4)  # once, for every size
+    command = scaling_sweep("submitit_local", None, tokens, sweep, tokens_per_parameter=0.02)
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     presets = {json.loads(path.read_text())["preset"] for path in sweep.glob("*/summary.json")}

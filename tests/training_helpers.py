@@ -72,14 +72,16 @@ def composed(*overrides: str):
 
 
 def scaling_sweep(
-    launcher: str, tokenizer: Path, data: Path, sweep: Path, tokens_per_parameter: float
+    launcher: str, tokenizer: Path | None, data: Path, sweep: Path, tokens_per_parameter: float
 ) -> list:
     """`python train.py experiment=scaling` over dynamics_debug and dynamics_xs with a submitit launcher,
-    each size trained for `tokens_per_parameter` tokens per parameter on small clips."""
+    each size trained for `tokens_per_parameter` tokens per parameter on small clips; without a
+    tokenizer, `data` is a token folder (data=tokens) that every size reads."""
+    source = (f"task.tokenizer_checkpoint={tokenizer}",) if tokenizer else ("data=tokens",)
     return [
         *(sys.executable, "train.py", "experiment=scaling", f"hydra/launcher={launcher}"),
         *("model=dynamics_debug,dynamics_xs", f"scaling.tokens_per_parameter={tokens_per_parameter}"),
-        *(f"task.tokenizer_checkpoint={tokenizer}", f"data.root={data}", f"hydra.sweep.dir={sweep}"),
+        *(*source, f"data.root={data}", f"hydra.sweep.dir={sweep}"),
         *("logger=csv", "data.frames=4", "data.global_batch_size=4", "data.num_workers=0"),
         *("trainer.video_every_n_steps=0", "trainer.limit_val_batches=1"),
     ]
