@@ -186,14 +186,14 @@ def test_tokenize_continues_only_what_it_was_started_with(tmp_path, atari_dir, t
 def test_tokenize_killed_midway_and_run_again_writes_the_same_shards(
     tmp_path, sample_dir, sample_tokens, trained_tokenizer
 ):
-    def command(out: Path) -> list[str]:
+    def command(out: Path, devices: int) -> list[str]:
         return [
             str(Path(sys.executable).with_name("worldmodel")),
             *("tokenize", str(trained_tokenizer), "--data", str(sample_dir), "--out", str(out)),
-            *("--frames", str(FRAMES), "--hop", "4"),
+            *("--frames", str(FRAMES), "--hop", "4", "--devices", str(devices)),
         ]
 
-    cut = subprocess.Popen(command(tmp_path / "cut"), cwd=ROOT, stderr=subprocess.PIPE)
+    cut = subprocess.Popen(command(tmp_path / "cut", devices=2), cwd=ROOT, stderr=subprocess.PIPE)
     first = tmp_path / "cut" / shard_paths(sample_dir, "train")[0].split("/")[-1]
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not first.exists():
@@ -201,7 +201,8 @@ def test_tokenize_killed_midway_and_run_again_writes_the_same_shards(
     cut.send_signal(signal.SIGKILL)
     cut.wait()
     assert not (tmp_path / "cut" / "dataset.json").exists()  # it really stopped midway
-    again = subprocess.run(command(tmp_path / "cut"), capture_output=True, text=True, cwd=ROOT)
+    again = subprocess.run(command(tmp_path / "cut", devices=1), capture_output=True, text=True, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-2000:]
-    # The shards of an uninterrupted run of the same settings, every sha256 included.
+    # The shards of an uninterrupted run of the same settings, every sha256 included, whatever
+    # the number of processes.
     assert read_index(tmp_path / "cut")["splits"] == read_index(sample_tokens)["splits"]

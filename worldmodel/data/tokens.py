@@ -138,7 +138,9 @@ def tokenize_shard(job: TokenizeJob, split: str, url: str) -> dict:
     record = {"split": split, "name": name, "clips": 0, "skipped": dict.fromkeys(SKIP_CAUSES, 0)}
     errors = []
     samples = wds.tarfile_to_samples(handler=lambda error: errors.append(error) or True)([{"url": url}])
-    temporary = out_dir / f".{name}.partial"
+    temporary = (
+        out_dir / f".{name}.{os.getpid()}.partial"
+    )  # a process of a killed run may still write its own
     with wds.TarWriter(str(temporary), mtime=0) as writer:
         for position, sample in enumerate(samples):
             try:
@@ -281,6 +283,8 @@ def _claim(out: Path, manifest: dict) -> None:
                 f"{out} holds tokens made with another {', '.join(differ)} (see {path}): "
                 f"choose another --out, or delete that folder to start over"
             )
+        for leftover in out.glob(".*.partial"):  # shards an interrupted run did not finish
+            leftover.unlink(missing_ok=True)
         return
     (out / INDEX_NAME).unlink(missing_ok=True)
     write_json_atomic(path, manifest)
