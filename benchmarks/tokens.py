@@ -43,7 +43,7 @@ def train(run_dir: Path, *overrides: str, steps: int) -> subprocess.CompletedPro
     command = [sys.executable, "train.py", "logger=csv", f"run_dir={run_dir}", "trainer.log_every_n_steps=1"]
     command += ["trainer.checkpoint_every_n_steps=0", "trainer.video_every_n_steps=0"]
     command += ["trainer.val_every_n_steps=100000", f"trainer.max_steps={steps}", "data.num_workers=1"]
-    command += [f"data.frames={FRAMES}", f"data.global_batch_size={BATCH}", *overrides]
+    command += [f"data.frames={FRAMES}", f"data.global_batch_size={BATCH}", *overrides]  # later wins
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if result.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
@@ -93,7 +93,10 @@ def measure(preset: str, size: int, steps: int, hop: int) -> dict:
         )
     tokenizer = folder / "tokenizer" / "checkpoints" / "last.ckpt"
     if not tokenizer.exists():
-        train(folder / "tokenizer", "task=tokenizer", f"model={preset}", f"data.root={video_dir}", steps=1)
+        # One step on one 2-frame clip: tokenizer_m's backward pass at 128x128 on a full batch
+        # would need ~19 GB; encoding (no gradients) is what is measured.
+        weights = ("task=tokenizer", f"model={preset}", f"data.root={video_dir}")
+        train(folder / "tokenizer", *weights, "data.frames=2", "data.global_batch_size=1", steps=1)
     started = time.perf_counter()
     if not (token_dir / "dataset.json").exists():
         tokenize(tokenizer, video_dir, token_dir, frames=FRAMES, hop=hop)
