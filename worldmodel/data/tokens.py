@@ -93,17 +93,14 @@ class TokenizeJob:
     out_dir: str
 
 
-_tokenizer = None  # each process loads the tokenizer once (tokenize_shard)
+_tokenizer = None  # each process loads the tokenizer once, for every shard it takes (tokenize_shard)
 _device = torch.device("cpu")
 
 
-def _start_process(job: TokenizeJob, device: str, threads: int) -> None:
+def _use(tokenizer, device: str) -> None:
     global _tokenizer, _device
-    from worldmodel.training.checkpoint import load_tokenizer
-
-    torch.set_num_threads(threads)
     _device = torch.device(device)
-    _tokenizer = load_tokenizer(job.checkpoint, job.weights).to(_device)
+    _tokenizer = tokenizer.to(_device)
 
 
 def _device_for(slot: int) -> str:
@@ -112,9 +109,10 @@ def _device_for(slot: int) -> str:
 
 def _start_pool_process(job: TokenizeJob, slots, devices: int) -> None:
     """Pool initializer: take the next free slot, so each process gets its own GPU."""
-    slot = slots.get()
-    threads = max(1, (os.cpu_count() or 1) // devices)
-    _start_process(job, _device_for(slot), threads)
+    from worldmodel.training.checkpoint import load_tokenizer
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // devices))
+    _use(load_tokenizer(job.checkpoint, job.weights), _device_for(slots.get()))
 
 
 def encode_windows(
@@ -138,9 +136,8 @@ def tokenize_shard(job: TokenizeJob, split: str, url: str) -> dict:
     record = {"split": split, "name": name, "clips": 0, "skipped": dict.fromkeys(SKIP_CAUSES, 0)}
     errors = []
     samples = wds.tarfile_to_samples(handler=lambda error: errors.append(error) or True)([{"url": url}])
-    temporary = (
-        out_dir / f".{name}.{os.getpid()}.partial"
-    )  # a process of a killed run may still write its own
+    # Named by process: a process of a killed run may still be writing its own.
+    temporary = out_dir / f".{name}.{os.getpid()}.partial"
     with wds.TarWriter(str(temporary), mtime=0) as writer:
         for position, sample in enumerate(samples):
             try:
@@ -253,7 +250,7 @@ def tokenize(
     done = total - sum(clips for *_, clips in todo)
     with tqdm(total=total, initial=done, unit="clip", desc="tokenize") as progress:
         if devices == 1:
-            _start_process(job, _device_for(0), torch.get_num_threads())
+            _use(tokenizer, _device_for(0))
             for split, url, clips in todo:
                 tokenize_shard(job, split, url)
                 progress.update(clips)
