@@ -206,3 +206,14 @@ def test_tokenize_killed_midway_and_run_again_writes_the_same_shards(
     # The shards of an uninterrupted run of the same settings, every sha256 included, whatever
     # the number of processes.
     assert read_index(tmp_path / "cut")["splits"] == read_index(sample_tokens)["splits"]
+
+
+def test_inspect_shows_tokens_and_eval_asks_for_the_video_folder(atari_tokens, atari_dir, trained_tokenizer):
+    worldmodel = str(Path(sys.executable).with_name("worldmodel"))
+    inspect = [worldmodel, "inspect", str(atari_tokens), "--frames", str(FRAMES), "--batches", "1"]
+    inspected = subprocess.run([*inspect, "--batch-size", "2"], capture_output=True, text=True)
+    assert inspected.returncode == 0, inspected.stderr[-2000:]
+    assert f"batch 0: tokens (2, {FRAMES}, 8, 8) torch.int64" in inspected.stdout
+    evaluate = [worldmodel, "eval", str(trained_tokenizer), "--data", str(atari_tokens), "--clips", "1"]
+    refused = subprocess.run(evaluate, capture_output=True, text=True)
+    assert refused.returncode == 2 and f"evaluate on the video folder {atari_dir}" in refused.stderr

@@ -199,11 +199,12 @@ def _inspect(args: argparse.Namespace) -> None:
     for number, batch in enumerate(loader):
         if number == args.batches:
             break
-        video, actions = batch["video"], batch["actions"]
-        clips += len(video)
+        payload = "tokens" if "tokens" in batch else "video"  # a token folder gives tokens
+        content, actions = batch[payload], batch["actions"]
+        clips += len(content)
         print(
-            f"batch {number}: video {tuple(video.shape)} {video.dtype} "
-            f"mean {video.float().mean():.1f}, actions {tuple(actions.shape)} "
+            f"batch {number}: {payload} {tuple(content.shape)} {content.dtype} "
+            f"mean {content.float().mean():.1f}, actions {tuple(actions.shape)} "
             f"{actions[0].tolist()}, keys {batch['key'][:2]}..."
         )
     elapsed = time.perf_counter() - started

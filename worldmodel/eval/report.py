@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from worldmodel.data.pipeline import ClipSpec, ClipStream
-from worldmodel.data.shards import read_index, shard_paths
+from worldmodel.data.shards import TOKENS_FORMAT, read_index, shard_paths
 from worldmodel.data.video import encode_mp4
 from worldmodel.eval.metrics import psnr, ssim
 from worldmodel.eval.rollout import RolloutSettings, score_batch, world_model_from
@@ -100,6 +100,9 @@ def evaluate_checkpoint(
 ) -> dict:
     data = Path(data)
     index = read_index(data)
+    if index["format"] == TOKENS_FORMAT:  # scores are in pixels: the frames are needed
+        video = index["source"]["video"]
+        raise ValueError(f"--data {data} holds tokens; evaluate on the video folder {video}")
     checkpoint, config = read_stage_checkpoint(path)
     trained_on = checkpoint.get("data") or {}
     stride = trained_stride(trained_on, index)
