@@ -8,7 +8,7 @@ import webdataset as wds
 
 from tests.conftest import good_sample, moving_frames, npy_bytes, write_shard
 from tests.test_video import _over_report_frame_count
-from worldmodel.data.pipeline import ClipLoader, ClipSpec, ClipStream, TooManyBadSamples
+from worldmodel.data.pipeline import SKIP_CAUSES, ClipLoader, ClipSpec, ClipStream, TooManyBadSamples
 from worldmodel.data.shards import shard_paths
 from worldmodel.data.video import LOSSLESS, encode_mp4
 
@@ -129,7 +129,7 @@ def test_each_kind_of_bad_input_is_skipped_and_counted(mixed_shards, caplog):
     loader = ClipLoader(stream, num_workers=0, max_skip_fraction=0.5)
     keys = [key for batch in loader for key in batch["key"]]
     assert len(keys) == n_good and all(key.startswith("good") for key in keys)
-    expected = {"tar": 0, "json": 0, "corrupt": 0, "video": 0, "actions": 0}
+    expected = dict.fromkeys(SKIP_CAUSES, 0)
     for cause, _ in bad.values():
         expected[cause] += 1
     assert loader.skip_counts() == expected

@@ -39,6 +39,10 @@ class DataConfig:
     max_skip_fraction: float = 0.01  # stop when more than this fraction of samples is unreadable
     num_actions: int | None = None  # the action set's size; read from dataset.json with data.root,
     #                                 required with data.train_shards when the samples carry actions
+    # Shards of other tools (whole videos, any size and rate; worldmodel/data/foreign.py):
+    size: int | None = None  # required for them: short side resized to this, centre-cropped
+    caption_field: str | None = None  # the json field with the caption (default: the txt member)
+    video_member: str | None = None  # a video member besides mp4, webm, mkv, avi, mov
 
     def __post_init__(self) -> None:
         _require(
@@ -56,6 +60,7 @@ class DataConfig:
             _require(getattr(self, name) >= 1, f"data.{name}", f"must be >= 1, got {getattr(self, name)}")
         _require(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
         _require(self.fps is None or self.fps > 0, "data.fps", f"must be > 0, got {self.fps}")
+        _require(self.size is None or self.size >= 8, "data.size", f"must be >= 8, got {self.size}")
         _require(
             self.micro_batch_size is None or self.micro_batch_size >= 1,
             "data.micro_batch_size",

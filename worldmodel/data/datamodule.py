@@ -9,7 +9,7 @@ import lightning as L
 import webdataset as wds
 
 from worldmodel.config import ConfigError, DataConfig, derive_batch
-from worldmodel.data.pipeline import ClipLoader, ClipSpec, ClipStream
+from worldmodel.data.pipeline import ClipLoader, ClipSpec, ClipStream, is_foreign
 from worldmodel.data.shards import TOKENS_FORMAT, read_index, shard_paths
 
 
@@ -43,6 +43,14 @@ class VideoDataModule(L.LightningDataModule):
         self.tokens = self.index is not None and self.index["format"] == TOKENS_FORMAT
         self._num_actions = self._action_space()
         self.spec = self._clip_spec()
+        if self.index is None and config.size is None:
+            first = self._urls("train")[0]
+            if is_foreign({"__key__": "", **first_sample(first)}, self.spec):
+                raise ConfigError(
+                    f"data.size: the samples of {first} are whole videos made by another tool (no "
+                    f"worldmodel json): set data.size (e.g. 64) to resize and crop them, or convert the "
+                    f"shards once with `worldmodel prepare shards`"
+                )
         self.train_loader: ClipLoader | None = None
 
     @property
@@ -94,11 +102,7 @@ class VideoDataModule(L.LightningDataModule):
     def _clip_spec(self) -> ClipSpec:
         cfg, index = self.config, self.index
         stride = cfg.stride
-        if cfg.fps is not None:
-            if index is None:
-                raise ConfigError(
-                    "data.fps: needs data.root (dataset.json gives the stored rate); set data.stride"
-                )
+        if cfg.fps is not None and index is not None:
             stride = round(index["fps"] / cfg.fps)
             if stride < 1 or abs(index["fps"] / stride - cfg.fps) > 0.05 * cfg.fps:
                 raise ConfigError(f"data.fps: {cfg.fps} is not the stored {index['fps']} fps / an integer")
@@ -108,6 +112,10 @@ class VideoDataModule(L.LightningDataModule):
             height=index["height"] if index and not self.tokens else None,
             width=index["width"] if index and not self.tokens else None,
             num_actions=self._num_actions,
+            size=cfg.size,
+            fps=cfg.fps if index is None else None,  # shard URLs: foreign videos are read at this rate
+            caption_field=cfg.caption_field,
+            video_member=cfg.video_member,
         )
         window = index["window"] if self.tokens else None
         if window and (window["frames"], window["stride"]) != (spec.frames, spec.stride):
@@ -168,20 +176,28 @@ class VideoDataModule(L.LightningDataModule):
         return ClipLoader(self._stream("val"), cfg.num_workers, cfg.max_skip_fraction, agree=agree)
 
 
-def shard_has_actions(url: str) -> bool:
-    """Whether the first sample of a local shard has an `actions.npy` member (False for remote
-    URLs, which are not opened here)."""
+def first_sample(url: str) -> dict[str, bytes]:
+    """The members of a local shard's first sample, by name after the key ({} for remote URLs,
+    which are not opened here, and for unreadable shards, which the loader reports)."""
     path = Path(url.removeprefix("file:"))
+    members: dict[str, bytes] = {}
     if not path.is_file():
-        return False
-    with tarfile.open(path) as archive:
-        first_key = None
-        for member in archive:
-            key = member.name.split(".", 1)[0]
-            if first_key is None:
+        return members
+    try:
+        with tarfile.open(path) as archive:
+            first_key = None
+            for member in archive:
+                key, _, name = member.name.partition(".")
+                if first_key not in (None, key):
+                    break
                 first_key = key
-            elif key != first_key:
-                return False
-            if member.name.endswith(".actions.npy"):
-                return True
-    return False
+                handle = archive.extractfile(member)
+                members[name] = handle.read() if handle else b""
+    except (tarfile.TarError, OSError):
+        return {}
+    return members
+
+
+def shard_has_actions(url: str) -> bool:
+    """Whether the first sample of a local shard has an `actions.npy` member."""
+    return "actions.npy" in first_sample(url)

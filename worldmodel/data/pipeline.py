@@ -37,8 +37,9 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from worldmodel.data import NULL_ACTION
+from worldmodel.data.foreign import ForeignVideoError, foreign_clip, video_member
 from worldmodel.data.shards import checksum
-from worldmodel.data.video import VideoDecodeError, decode_mp4
+from worldmodel.data.video import VideoDecodeError, decode_mp4, resize_short_side_center_crop
 
 log = logging.getLogger("worldmodel.data")
 
@@ -86,6 +87,11 @@ class ClipSpec:
     height: int | None = None  # when set, clips of another size are skipped as bad
     width: int | None = None
     num_actions: int | None = None  # when set, clips with action ids outside it are skipped as bad
+    # Videos of other tools (data/foreign.py), read only when `size` is set:
+    size: int | None = None  # short side resized to this, centre-cropped to a square
+    fps: float | None = None  # window frames at this rate (else every `stride`-th frame)
+    caption_field: str | None = None  # the json field with the caption (else the txt member)
+    video_member: str | None = None  # a video member name besides mp4, webm, mkv, avi, mov
 
     @property
     def span(self) -> int:
@@ -101,6 +107,11 @@ def decode_sample(sample: dict, spec: ClipSpec, rng: np.random.Generator | None)
     `rng` picks a random start (training); without it the clip starts at frame 0.
     Raises BadSample naming the cause.
     """
+    if spec.size is not None and is_foreign(sample, spec):
+        try:
+            return foreign_clip(sample, spec, rng)
+        except ForeignVideoError as error:
+            raise BadSample(error.cause, error.detail) from error
     meta, stored_frames = sample_metadata(sample)
     verify_checksums(sample, meta)
     cause = "tokens" if "tokens.npy" in sample else "video"
@@ -117,7 +128,18 @@ def decode_sample(sample: dict, spec: ClipSpec, rng: np.random.Generator | None)
         clip = {"video": _video(sample, indices, stored_frames, spec)}
     clip["actions"] = _actions(sample, indices, stored_frames, spec)
     source = str(meta.get("source", ""))  # e.g. "atari/Boxing": eval reports each source apart
-    return {"key": sample["__key__"], **clip, "source": source}
+    return {"key": sample["__key__"], **clip, "source": source, "text": str(meta.get("caption") or "")}
+
+
+def is_foreign(sample: dict, spec: ClipSpec) -> bool:
+    """A video sample not prepared by worldmodel: a video member, and no json of ours (with its
+    stored frame count)."""
+    if "tokens.npy" in sample or video_member(sample, spec.video_member) is None:
+        return False
+    try:
+        return "frames" not in json.loads(sample.get("json") or b"{}")
+    except (ValueError, TypeError, AttributeError):
+        return True
 
 
 def sample_metadata(sample: dict) -> tuple[dict, int]:
@@ -140,6 +162,8 @@ def _video(sample: dict, indices: list[int], stored_frames: int, spec: ClipSpec)
         raise BadSample("video", str(error)) from error
     if spec.height is not None and video.shape[1:3] != (spec.height, spec.width):
         raise BadSample("video", f"size {video.shape[1:3]}, expected {(spec.height, spec.width)}")
+    if spec.size is not None and video.shape[1:3] != (spec.size, spec.size):  # mixed with foreign
+        video = np.stack([resize_short_side_center_crop(frame, spec.size) for frame in video])
     return video
 
 
@@ -426,6 +450,7 @@ def _collate(clips: list[dict], progress: WorkerProgress) -> dict:
         "actions": torch.from_numpy(np.stack([c["actions"] for c in clips])),  # (B, T) int64
         "key": [c["key"] for c in clips],
         "source": [c["source"] for c in clips],
+        "text": [c.get("text", "") for c in clips],  # captions, where the samples have them
         "stream": vars(progress.copy()),  # plain data, so device transfer leaves it alone
     }
 
