@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import webdataset as wds
 
+from tests.test_video import psnr
 from tests.training_helpers import logged, train
 from worldmodel.config import ConfigError, DataConfig
 from worldmodel.data.datamodule import VideoDataModule
 from worldmodel.data.foreign import window_indices
 from worldmodel.data.pipeline import ClipLoader, ClipSpec, ClipStream, TooManyBadSamples
+from worldmodel.data.shards import read_index, shard_paths
 from worldmodel.data.sources.sample import SAMPLE_FILES, sample_footage_dir
+from worldmodel.data.verify import verify_folder
 from worldmodel.data.video import iter_frames, resize_short_side_center_crop
 
 SIZE, FRAMES, FPS = 32, 4, 5.0
@@ -131,3 +136,70 @@ def test_short_unreadable_or_video_less_samples_are_skipped_and_all_bad_shards_s
     long_window = ClipStream([shard], ClipSpec(100, size=SIZE, fps=FPS), 1, train=True, batches_per_epoch=2)
     with pytest.raises(TooManyBadSamples, match="video"):  # every window too long: stops, no endless loop
         next(iter(ClipLoader(long_window, max_skip_fraction=0.01, min_samples_for_check=20)))
+
+
+def test_prepare_shards_converts_them_and_the_clips_read_back_match_the_videos(tmp_path, video2dataset_shard):
+    out = tmp_path / "prepared"
+    command = [str(Path(sys.executable).with_name("worldmodel")), "prepare", "shards", video2dataset_shard]
+    command += [
+        "--out",
+        str(out),
+        "--frames",
+        "8",
+        "--size",
+        "64",
+        "--fps",
+        "10",
+        "--val-fraction",
+        "0.34",
+        "--crf",
+        "0",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    index = read_index(out)
+    assert (index["frames_per_clip"], index["height"], index["fps"]) == (8, 64, 10.0)
+    assert index["splits"]["val"]["clips"] and index["splits"]["train"]["clips"]
+    assert verify_folder(out)[0] == []  # checksums of every member, sha256 of every shard
+    references = {}
+    stream = ClipStream(shard_paths(out, "train") + shard_paths(out, "val"), ClipSpec(8), 1, train=False)
+    for batch in stream:
+        key = batch["key"][0]  # 00000_tar_<video key>_<clip index>
+        number, clip_index = int(key.split("_")[2]), int(key.rsplit("_", 1)[1])
+        name = SAMPLE_FILES[number]
+        if name not in references:
+            references[name] = np.stack(
+                [
+                    resize_short_side_center_crop(rgb, 64)
+                    for _, rgb in iter_frames(str(sample_footage_dir() / name), 10)
+                ]
+            )
+        truth = references[name][clip_index * 8 : clip_index * 8 + 8]
+        assert psnr(batch["video"][0].numpy(), truth) >= 35, key  # the bound of `prepare folder`
+        assert batch["text"] == [CAPTIONS[name]]  # captions kept end to end
+    assert len(references) == 3
+
+
+def test_inspect_reads_shards_of_other_tools(video2dataset_shard):
+    worldmodel = str(Path(sys.executable).with_name("worldmodel"))
+    command = [
+        worldmodel,
+        "inspect",
+        video2dataset_shard,
+        "--batches",
+        "1",
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+    ]
+    refused = subprocess.run(command, capture_output=True, text=True)
+    assert refused.returncode == 2 and "data.size" in refused.stderr
+    inspected = subprocess.run(
+        [*command, "--size", "32", "--fps", "5", "--frames", "4"], capture_output=True, text=True
+    )
+    assert inspected.returncode == 0, inspected.stderr[-2000:]
+    assert (
+        "batch 0: video (2, 4, 32, 32, 3) torch.uint8" in inspected.stdout
+        and "captions [" in inspected.stdout
+    )

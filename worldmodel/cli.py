@@ -52,6 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     atari.add_argument("--max-steps", type=int, default=2000, help="steps per episode at most")
     atari.add_argument("--seed", type=int, default=0)
 
+    shards = prepare.add_parser("shards", help="WebDataset shards of other tools (e.g. video2dataset)")
+    shards.add_argument("urls", nargs="+", help="shard paths, brace patterns or URLs")
+    _add_shard_options(shards, frames=16, size=64)
+    shards.add_argument("--fps", type=float, default=10.0, help="clip frame rate")
+    shards.add_argument(
+        "--hop", type=int, default=None, help="frames between clip starts (default: --frames)"
+    )
+    shards.add_argument("--crf", type=int, default=18, help="h264 quality (0 = lossless)")
+    shards.add_argument("--caption-field", default=None, help="json field with the caption (default: txt)")
+    shards.add_argument("--video-member", default=None, help="a video member besides mp4/webm/mkv/avi/mov")
+
     sample = prepare.add_parser("sample", help="the embedded default dataset (real footage, offline)")
     sample.add_argument("--out", required=True)
 
@@ -149,8 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("root", help="folder with dataset.json")
 
-    inspect = commands.add_parser("inspect", help="stream a few batches from a prepared folder")
-    inspect.add_argument("root", help="folder with dataset.json")
+    inspect = commands.add_parser("inspect", help="stream a few batches from a prepared folder or shards")
+    inspect.add_argument("root", nargs="+", help="folder with dataset.json, or shard paths / URLs")
+    inspect.add_argument("--size", type=int, default=None, help="resize shards of other tools to this")
+    inspect.add_argument("--fps", type=float, default=None, help="their frame rate for the window")
     inspect.add_argument("--split", choices=("train", "val"), default="train")
     inspect.add_argument("--batches", type=int, default=4)
     inspect.add_argument("--batch-size", type=int, default=4)
@@ -165,13 +178,19 @@ def _prepare(args: argparse.Namespace) -> dict:
 
         return prepare_sample(args.out)
     common = dict(val_fraction=args.val_fraction, clips_per_shard=args.shard_size, workers=args.workers)
-    if args.source == "folder":
+    if args.source in ("folder", "shards"):
         from worldmodel.data.sources.folder import ClipSettings, prepare_folder
         from worldmodel.data.video import LOSSLESS, EncodeSettings
 
         encode = LOSSLESS if args.crf == 0 else EncodeSettings(crf=args.crf)
         settings = ClipSettings(args.frames, args.size, args.fps, args.hop, encode)
-        return prepare_folder(args.src, args.out, settings, **common)
+        if args.source == "folder":
+            return prepare_folder(args.src, args.out, settings, **common)
+        from worldmodel.data.datamodule import expand_shards
+        from worldmodel.data.sources.shards import prepare_shards
+
+        member = dict(caption_field=args.caption_field, video_member_name=args.video_member)
+        return prepare_shards(expand_shards(args.urls), args.out, settings, **common, **member)
     from worldmodel.data.sources.atari import AtariSettings, prepare_atari
 
     settings = AtariSettings(
@@ -185,8 +204,13 @@ def _inspect(args: argparse.Namespace) -> None:
     from worldmodel.config import DataConfig
     from worldmodel.data.datamodule import VideoDataModule
 
+    folder = len(args.root) == 1 and Path(args.root[0]).is_dir()  # else shards, ours or other tools'
     config = DataConfig(
-        root=args.root,
+        root=args.root[0] if folder else None,
+        train_shards=None if folder else args.root,
+        val_shards=None if folder else args.root,
+        size=args.size,
+        fps=None if folder else args.fps,
         frames=args.frames,
         global_batch_size=args.batch_size,
         num_workers=args.workers,
@@ -206,6 +230,7 @@ def _inspect(args: argparse.Namespace) -> None:
             f"batch {number}: {payload} {tuple(content.shape)} {content.dtype} "
             f"mean {content.float().mean():.1f}, actions {tuple(actions.shape)} "
             f"{actions[0].tolist()}, keys {batch['key'][:2]}..."
+            + (f", captions {batch['text'][:2]}" if any(batch["text"]) else "")
         )
     elapsed = time.perf_counter() - started
     print(f"read {clips} clips in {elapsed:.2f} s; skipped by cause: {loader.skip_counts()}")

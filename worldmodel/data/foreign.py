@@ -44,7 +44,7 @@ def foreign_clip(sample: dict, spec, rng: np.random.Generator | None) -> dict:
     member = video_member(sample, spec.video_member)
     if member is None:
         raise ForeignVideoError("video", f"no video member ({', '.join(VIDEO_MEMBERS)})")
-    meta = _own_json(sample)
+    meta = own_json(sample)
     frames = decode_window(sample[member], lambda stored, rate: window_indices(stored, rate, spec, rng))
     video = np.stack([resize_short_side_center_crop(frame, spec.size) for frame in frames])
     return {
@@ -75,7 +75,7 @@ def caption(sample: dict, meta: dict, field: str | None) -> str:
     return text.decode("utf-8", "replace").strip() if isinstance(text, bytes) else str(text or "").strip()
 
 
-def _own_json(sample: dict) -> dict:
+def own_json(sample: dict) -> dict:
     """The other tool's json, when there is a readable one; never required."""
     try:
         meta = json.loads(sample.get("json") or b"{}")

@@ -66,8 +66,9 @@ def split_by_file(names: Sequence[str], val_fraction: float) -> dict[str, str]:
     return {name: ("val" if rank < n_val else "train") for rank, name in enumerate(ranked)}
 
 
-def cut_clips(path: str, name: str, settings: ClipSettings) -> list[Clip]:
-    """Decode one file at the target rate and size and encode consecutive windows as clips."""
+def cut_clips(path, name: str, settings: ClipSettings) -> list[Clip]:
+    """Decode one video (a path, or a file object) at the target rate and size and encode
+    consecutive windows as clips."""
     hop = settings.hop or settings.frames
     frames: list[np.ndarray] = []
     times: list[float] = []
