@@ -67,7 +67,7 @@ def test_clips_read_back_match_the_source_frames(folder_dataset):
 def test_unreadable_files_are_reported_and_do_not_stop_the_job(folder_dataset):
     _, out, _, index = folder_dataset
     report = json.loads((out / "prepare_report.json").read_text())
-    assert report["files"] == 4  # notes.txt is not a video file
+    assert report["videos"] == 4  # notes.txt is not a video file
     assert list(report["failed"]) == ["broken.mp4"]
     assert index["splits"]["train"]["clips"] > 0
 

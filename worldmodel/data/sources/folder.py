@@ -115,6 +115,27 @@ def prepare_videos(
 ) -> dict:
     """Shard the clips of `files` (named relative to `root`); returns the dataset index."""
     names = [str(path.relative_to(root)) for path in files]
+    jobs = [(str(path), name, settings) for path, name in zip(files, names, strict=True)]
+    source = source_note or {"kind": "folder", "root": str(root)}
+    return shard_videos(
+        _cut_or_report, jobs, names, out, settings, source, val_fraction, clips_per_shard, workers
+    )
+
+
+def shard_videos(
+    work,
+    jobs: Sequence,
+    names: Sequence[str],
+    out: str | os.PathLike,
+    settings: ClipSettings,
+    source: dict,
+    val_fraction: float,
+    clips_per_shard: int,
+    workers: int,
+    unreadable: Sequence[str] = (),
+) -> dict:
+    """Cut each job's video into clips with `work` in processes, split by video (`names`), write
+    the shards, `dataset.json` and the report of what was skipped; returns the index."""
     split_of = split_by_file(names, val_fraction)
     info = DatasetInfo(
         frames_per_clip=settings.frames,
@@ -122,22 +143,18 @@ def prepare_videos(
         width=settings.size,
         fps=settings.fps,
         num_actions=None,
-        source=source_note or {"kind": "folder", "root": str(root)},
+        source=source,
     )
-    jobs = [(str(path), name, settings) for path, name in zip(files, names, strict=True)]
     splits = [split_of[name] for name in names]
-    written, failed = shard_in_parallel(
-        _cut_or_report, jobs, splits, out, info, clips_per_shard, workers, "file"
-    )
+    written, failed = shard_in_parallel(work, jobs, splits, out, info, clips_per_shard, workers, "video")
     failures = {names[number]: reason for number, reason in failed.items()}
-    report = {"files": len(files), "clips": written, "failed": failures}
+    report = {"videos": len(jobs), "clips": written, "failed": failures, "unreadable": list(unreadable)}
     write_json_atomic(Path(out) / REPORT_NAME, report)
-    for name, reason in failures.items():
-        tqdm.write(f"skipped {name}: {reason}", file=sys.stderr)
-    if failures:
-        tqdm.write(
-            f"{len(failures)} of {len(files)} files skipped; see {Path(out) / REPORT_NAME}", file=sys.stderr
-        )
+    for line in [*unreadable, *(f"skipped {name}: {reason}" for name, reason in failures.items())]:
+        tqdm.write(line, file=sys.stderr)
+    if failures or unreadable:
+        skipped = len(failures) + len(unreadable)
+        tqdm.write(f"{skipped} of {len(jobs)} videos skipped; see {Path(out) / REPORT_NAME}", file=sys.stderr)
     return read_index(out)
 
 

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import io
 import os
-import sys
 from pathlib import Path
 
 import webdataset as wds
-from tqdm import tqdm
 
 from worldmodel.data.foreign import caption, own_json, video_member
-from worldmodel.data.shards import Clip, DatasetInfo, read_index, write_json_atomic
-from worldmodel.data.sources import shard_in_parallel
-from worldmodel.data.sources.folder import REPORT_NAME, ClipSettings, cut_clips, split_by_file
+from worldmodel.data.shards import Clip
+from worldmodel.data.sources.folder import ClipSettings, cut_clips, shard_videos
 
 
 def foreign_videos(urls: list[str], caption_field: str | None, extra_member: str | None) -> tuple[list, list]:
@@ -64,26 +61,9 @@ def prepare_shards(
     """Cut every video of the shards at `urls` into clips, as `prepare folder` cuts files; the
     split is by video (a hash of shard and key). Returns the dataset index."""
     videos, problems = foreign_videos(urls, caption_field, video_member_name)
-    names = [name for name, *_ in videos]
-    split_of = split_by_file(names, val_fraction)
-    info = DatasetInfo(
-        frames_per_clip=settings.frames,
-        height=settings.size,
-        width=settings.size,
-        fps=settings.fps,
-        num_actions=None,
-        source={"kind": "shards", "urls": list(urls)},
-    )
     jobs = [(name, data, text, meta, settings) for name, data, text, meta in videos]
-    splits = [split_of[name] for name in names]
-    written, failed = shard_in_parallel(
-        _cut_or_report, jobs, splits, out, info, clips_per_shard, workers, "video"
+    names = [name for name, *_ in videos]
+    source = {"kind": "shards", "urls": list(urls)}
+    return shard_videos(
+        _cut_or_report, jobs, names, out, settings, source, val_fraction, clips_per_shard, workers, problems
     )
-    failures = {names[number]: reason for number, reason in failed.items()}
-    report = {"videos": len(videos), "clips": written, "failed": failures, "unreadable": problems}
-    write_json_atomic(Path(out) / REPORT_NAME, report)
-    for line in [*problems, *(f"skipped {name}: {reason}" for name, reason in failures.items())]:
-        tqdm.write(line, file=sys.stderr)
-    if failures or problems:
-        tqdm.write(f"{len(failures) + len(problems)} skipped; see {Path(out) / REPORT_NAME}", file=sys.stderr)
-    return read_index(out)
