@@ -1,7 +1,9 @@
 """Clips/s through the full loader (shards -> decode -> sample -> batch) against raw decord
-decode of the same clips, in one run, for 0, 1 and 2 loader workers.
+decode of the same clips, in one run, for 0, 1 and 2 loader workers; with --foreign, shards of
+other tools (whole videos at 256x256 and 640x360) read as they are against after `prepare shards`.
 
     python benchmarks/data_throughput.py [--size 64] [--batches 100]
+    python benchmarks/data_throughput.py --foreign --batches 20
 
 The raw baseline holds every clip's mp4 bytes in memory and decodes the same 16 frames with
 decord in one process: the ceiling for one worker. Also measured: the loader's check of each
@@ -19,12 +21,15 @@ import time
 from pathlib import Path
 
 import decord
+import numpy as np
 import webdataset as wds
 
 from worldmodel.data.pipeline import ClipLoader, ClipSpec, ClipStream, verify_checksums
 from worldmodel.data.shards import read_index, shard_paths
 from worldmodel.data.sources.folder import ClipSettings, prepare_videos
 from worldmodel.data.sources.sample import SAMPLE_FILES, SAMPLE_SETTINGS, sample_footage_dir
+from worldmodel.data.sources.shards import prepare_shards
+from worldmodel.data.video import encode_mp4, iter_frames, resize_frame
 
 
 def raw_decode_rate(urls: list[str], frames: int, clips: int) -> float:
@@ -50,15 +55,64 @@ def checksum_share(urls: list[str], frames: int, clips: int) -> float:
 
 
 def loader_rate(
-    urls: list[str], frames: int, batch_size: int, batches: int, workers: int
+    urls: list[str], spec: ClipSpec, batch_size: int, batches: int, workers: int
 ) -> tuple[float, float]:
-    stream = ClipStream(urls, ClipSpec(frames), batch_size, train=True, batches_per_epoch=batches)
+    stream = ClipStream(urls, spec, batch_size, train=True, batches_per_epoch=batches)
     started = time.perf_counter()
     iterator = iter(ClipLoader(stream, num_workers=workers))
     next(iterator)
     first = time.perf_counter()
     rest = sum(len(batch["key"]) for batch in iterator)
     return rest / (time.perf_counter() - first), first - started
+
+
+def foreign_shard(width: int, height: int, out: Path) -> str:
+    """The sample videos, whole, re-encoded at width x height, as another tool shards them
+    (video2dataset: {key}.mp4, {key}.json, {key}.txt)."""
+    path = out / f"foreign_{width}x{height}.tar"
+    if path.is_file():
+        return str(path)
+    out.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(path)) as sink:
+        for number, name in enumerate(SAMPLE_FILES):
+            frames = [
+                resize_frame(rgb, height, width) for _, rgb in iter_frames(str(sample_footage_dir() / name))
+            ]
+            sink.write(
+                {
+                    "__key__": f"{number:09d}",
+                    "mp4": encode_mp4(np.stack(frames), fps=25.0),
+                    "json": json.dumps({"url": name, "status": "success"}).encode(),
+                    "txt": name.encode(),
+                }
+            )
+    return str(path)
+
+
+def foreign_rates(batches: int, batch_size: int, repeats: int) -> None:
+    """Clips/s of 16 frames at 10 fps, 64x64, read from whole videos of another tool's shards
+    (decode, window, resize in the loop) against the same videos after `prepare shards`."""
+    out = Path(__file__).parent / "out" / "foreign"
+    spec = ClipSpec(16, size=64, fps=10.0)
+    for width, height in ((256, 256), (640, 360)):
+        shard = foreign_shard(width, height, out)
+        prepared = out / f"prepared_{width}x{height}"
+        if not (prepared / "dataset.json").is_file():
+            prepare_shards(
+                [shard], prepared, ClipSettings(16, 64, 10.0, hop=4), val_fraction=0.0, clips_per_shard=64
+            )
+        rates = {}
+        for name, urls, clip_spec in (
+            ("foreign", [shard], spec),
+            ("prepared", shard_paths(prepared, "train"), ClipSpec(16)),
+        ):
+            rates[name] = max(
+                loader_rate(urls, clip_spec, batch_size, batches, workers=1)[0] for _ in range(repeats)
+            )
+        print(
+            f"| {width}x{height} | {rates['foreign']:.1f} clips/s | {rates['prepared']:.1f} clips/s "
+            f"| {rates['prepared'] / rates['foreign']:.1f}x |"
+        )
 
 
 def main() -> None:
@@ -69,7 +123,15 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--foreign", action="store_true", help="other tools' shards against prepared ones")
     args = parser.parse_args()
+    if args.foreign:
+        print(
+            "| videos | from their shards (1 worker) | after prepare shards (1 worker) | prepared / theirs |"
+        )
+        print("|---|---|---|---|")
+        foreign_rates(args.batches, args.batch_size, args.repeats)
+        return
     root = Path(__file__).parent / "out" / f"sample_{args.size}px"
     if not (root / "dataset.json").is_file():  # the sample footage, at the size asked for
         footage = sample_footage_dir()
@@ -90,7 +152,8 @@ def main() -> None:
     rates = {}
     for workers in (0, 1, 2):
         runs = [
-            loader_rate(urls, frames, args.batch_size, args.batches, workers) for _ in range(args.repeats)
+            loader_rate(urls, ClipSpec(frames), args.batch_size, args.batches, workers)
+            for _ in range(args.repeats)
         ]
         rate, startup = max(runs)
         rates[workers] = rate
