@@ -12,9 +12,8 @@ whose index is i modulo their number.
 
 Bad samples (unreadable tar members, a missing or malformed json, a member that does not match
 its checksum, an undecodable or short video, unreadable tokens, actions that do not match the
-frames) are skipped,
-logged with key and shard, and counted (the first few logged one by one, then summarised); the
-run stops with a message naming the causes when the skipped fraction passes
+frames) are skipped, logged with key and shard, and counted (the first few logged one by one,
+then summarised); the run stops with a message naming the causes when the skipped fraction passes
 `max_skip_fraction`, judged at every batch and, in each worker, as samples are read (once a
 minimum was read), so all-bad shards stop the run too.
 """
@@ -101,8 +100,9 @@ class ClipSpec:
 
 def decode_sample(sample: dict, spec: ClipSpec, rng: np.random.Generator | None) -> dict:
     """Turn a raw WebDataset sample into {key, video (T,H,W,3) uint8 | tokens (T,h,w), actions
-    (T,) int64, source}: a video sample is decoded, a token sample (`worldmodel tokenize`) gives
-    the tokens of the same window.
+    (T,) int64, source, text}: a video sample is decoded, a token sample (`worldmodel tokenize`)
+    gives the tokens of the same window, and with `spec.size` a video of another tool's shard
+    is cut, resized and cropped (data/foreign.py).
 
     `rng` picks a random start (training); without it the clip starts at frame 0.
     Raises BadSample naming the cause.
