@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 
 from tests.conftest import good_sample, moving_frames, npy_bytes, write_shard
@@ -319,3 +320,12 @@ def test_shards_without_checksums_still_load_with_one_warning(tmp_path, caplog, 
         f"{url} has no checksums (prepared by an older worldmodel): damaged clips cannot be "
         "detected; prepare the data again to get them"
     ]
+
+
+def test_shard_urls_read_at_a_frame_rate_use_the_rate_each_sample_records(sample_dir):
+    """The sample footage is stored at 25 fps: 12.5 fps is every 2nd frame."""
+    urls = shard_paths(sample_dir, "val")
+    by_rate = ClipStream(urls, ClipSpec(4, fps=12.5), 2, train=False)
+    by_stride = ClipStream(urls, ClipSpec(4, stride=2), 2, train=False)
+    for rated, strided in zip(by_rate, by_stride, strict=True):
+        assert torch.equal(rated["video"], strided["video"])

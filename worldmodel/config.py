@@ -29,7 +29,7 @@ class DataConfig:
     val_shards: list[str] | None = None  # likewise for validation
     frames: int = 16  # frames per training clip (T)
     stride: int = 1  # take every stride-th stored frame
-    fps: float | None = None  # sample at this rate instead (derives stride from dataset.json)
+    fps: float | None = None  # sample at this rate instead (stride from dataset.json, or per sample)
     global_batch_size: int = 8  # clips per optimizer step, summed over devices and accumulation
     micro_batch_size: int | None = None  # clips per device per forward; None = global / world
     num_workers: int = 2  # decoding processes per rank

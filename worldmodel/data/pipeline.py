@@ -28,7 +28,7 @@ import multiprocessing.forkserver
 import random
 import signal
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -88,7 +88,8 @@ class ClipSpec:
     num_actions: int | None = None  # when set, clips with action ids outside it are skipped as bad
     # Videos of other tools (data/foreign.py), read only when `size` is set:
     size: int | None = None  # short side resized to this, centre-cropped to a square
-    fps: float | None = None  # window frames at this rate (else every `stride`-th frame)
+    fps: float | None = None  # frames at this rate (else every `stride`-th): shard URLs, whose
+    #                           prepared clips' json or other tools' containers give the stored rate
     caption_field: str | None = None  # the json field with the caption (else the txt member)
     video_member: str | None = None  # a video member name besides mp4, webm, mkv, avi, mov
 
@@ -115,6 +116,8 @@ def decode_sample(sample: dict, spec: ClipSpec, rng: np.random.Generator | None)
     meta, stored_frames = sample_metadata(sample)
     verify_checksums(sample, meta)
     cause = "tokens" if "tokens.npy" in sample else "video"
+    if spec.fps and cause == "video" and meta.get("fps"):  # shard URLs: the rate its json records
+        spec = replace(spec, stride=max(1, round(float(meta["fps"]) / spec.fps)))
     if stored_frames < spec.span:
         raise BadSample(cause, f"{stored_frames} frames, {spec.span} needed")
     # Windows start every frame of a video; token samples hold those every `hop` frames.
