@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,6 +41,7 @@ FRAMES, BATCH = 8, 8
 
 
 def train(run_dir: Path, *overrides: str, steps: int) -> subprocess.CompletedProcess:
+    shutil.rmtree(run_dir, ignore_errors=True)  # its log is read back: no run of an earlier call
     command = [sys.executable, "train.py", "logger=csv", f"run_dir={run_dir}", "trainer.log_every_n_steps=1"]
     command += ["trainer.checkpoint_every_n_steps=0", "trainer.video_every_n_steps=0"]
     command += ["trainer.val_every_n_steps=100000", f"trainer.max_steps={steps}", "data.num_workers=1"]
