@@ -12,6 +12,7 @@
 #   zero3        the tokenizer under ZeRO-3 with torch.compile (works, or is refused at startup)
 #   eval         worldmodel eval of the dynamics checkpoint on the GPU (KV-cached rollouts)
 #   dynamics_s   30 steps of dynamics_s (99M parameters) on the same tokens: MFU at a real size
+#   tokenize     worldmodel tokenize on the GPU, then 30 dynamics steps from the token shards
 # Wheels the machine lacks may be carried in .whl/ (installed with --no-deps first).
 set -u
 cd "$(dirname "$0")/.."
@@ -68,4 +69,9 @@ check eval 300 "$python" -m worldmodel.cli eval "$work/dynamics/checkpoints/last
 check dynamics_s 300 "$python" train.py experiment=demo_dynamics "${gpu[@]}" run_dir="$work/dynamics_s" \
     model=dynamics_s data.global_batch_size=16 task.tokenizer_checkpoint="$work/tokenizer/checkpoints/last.ckpt"
 echo "  dynamics_s: MFU $(last_metric "$work/dynamics_s" perf/mfu), clips/s $(last_metric "$work/dynamics_s" perf/clips_per_s)" >> "$report"
+check tokenize 300 "$python" -m worldmodel.cli tokenize "$work/tokenizer/checkpoints/last.ckpt" \
+    --data "$work/sample" --out "$work/tokens" --frames 8 --batch-size 64
+check from_tokens 300 "$python" train.py experiment=demo_dynamics "${gpu[@]}" run_dir="$work/from_tokens" \
+    data=tokens data.root="$work/tokens" data.frames=8 task.tokenizer_checkpoint=null
+echo "  from_tokens: clips/s $(last_metric "$work/from_tokens" perf/clips_per_s)" >> "$report"
 cat "$report"
