@@ -178,7 +178,8 @@ class VideoDataModule(L.LightningDataModule):
 
 def first_sample(url: str) -> dict[str, bytes]:
     """The members of a local shard's first sample, by name after the key ({} for remote URLs,
-    which are not opened here, and for unreadable shards, which the loader reports)."""
+    which are not opened here, and for unreadable shards, which the loader reports). Only the
+    json is read; other members (a whole video can be large) stand as a placeholder."""
     path = Path(url.removeprefix("file:"))
     members: dict[str, bytes] = {}
     if not path.is_file():
@@ -191,8 +192,8 @@ def first_sample(url: str) -> dict[str, bytes]:
                 if first_key not in (None, key):
                     break
                 first_key = key
-                handle = archive.extractfile(member)
-                members[name] = handle.read() if handle else b""
+                handle = archive.extractfile(member) if name == "json" else None
+                members[name] = handle.read() if handle else b"(not read)"
     except (tarfile.TarError, OSError):
         return {}
     return members
