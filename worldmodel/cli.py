@@ -307,6 +307,14 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: {args.context_frames} real frames + {frames} generated")
 
 
+def _splits(index: dict) -> str:
+    """What a written dataset.json holds, in one line."""
+    return ", ".join(
+        f"{name} {split['clips']} clips in {len(split['shards'])} shards"
+        for name, split in index["splits"].items()
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -320,11 +328,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> None:
     if args.command == "prepare":
         index = _prepare(args)
-        splits = ", ".join(
-            f"{name} {split['clips']} clips in {len(split['shards'])} shards"
-            for name, split in index["splits"].items()
-        )
-        print(f"wrote {Path(args.out) / 'dataset.json'}: {splits}")
+        print(f"wrote {Path(args.out) / 'dataset.json'}: {_splits(index)}")
     elif args.command == "tokenize":
         from worldmodel.data.tokens import tokenize
 
@@ -342,8 +346,7 @@ def _run(args: argparse.Namespace) -> None:
             weights=args.weights,
         )
         skipped = {cause: count for cause, count in index["skipped"].items() if count}
-        splits = ", ".join(f"{name} {split['clips']} clips" for name, split in index["splits"].items())
-        print(f"wrote {Path(args.out) / 'dataset.json'}: {splits}; skipped: {skipped or 'none'}")
+        print(f"wrote {Path(args.out) / 'dataset.json'}: {_splits(index)}; skipped: {skipped or 'none'}")
     elif args.command == "info":
         _info(args)
     elif args.command == "inspect":

@@ -6,7 +6,6 @@ OmegaConf builds structured configs from these classes, so a wrong type fails on
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -367,15 +366,12 @@ class TrainConfig:
 
 def _holds_tokens(root: str | None) -> bool:
     """Whether `root` is a folder of token shards (its dataset.json says so)."""
-    from worldmodel.data.shards import TOKENS_FORMAT
+    from worldmodel.data.shards import TOKENS_FORMAT, read_index
 
-    index = Path(root or "") / "dataset.json"
-    if not root or not index.is_file():
-        return False
     try:
-        return json.loads(index.read_text()).get("format") == TOKENS_FORMAT
-    except json.JSONDecodeError:
-        return False  # the data module reports the broken index
+        return bool(root) and read_index(root)["format"] == TOKENS_FORMAT
+    except (FileNotFoundError, ValueError):
+        return False  # the data module reports a missing or broken index
 
 
 def register_schema() -> None:

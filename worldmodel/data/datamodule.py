@@ -45,7 +45,7 @@ class VideoDataModule(L.LightningDataModule):
         self.spec = self._clip_spec()
         if self.index is None and config.size is None:
             first = self._urls("train")[0]
-            if is_foreign({"__key__": "", **first_sample(first)}, self.spec):
+            if is_foreign(first_sample(first), self.spec):
                 raise ConfigError(
                     f"data.size: the samples of {first} are whole videos made by another tool (no "
                     f"worldmodel json): set data.size (e.g. 64) to resize and crop them, or convert the "

@@ -98,6 +98,11 @@ class ClipSpec:
         """Stored frames covered by one sampled clip."""
         return (self.frames - 1) * self.stride + 1
 
+    def window_starts(self, stored_frames: int, hop: int = 1) -> range:
+        """First frames of the windows a clip of `stored_frames` offers: every start (hop 1), or
+        every hop-th, as a token sample holds them (data/tokens.py)."""
+        return range(0, stored_frames - self.span + 1, hop)
+
 
 def decode_sample(sample: dict, spec: ClipSpec, rng: np.random.Generator | None) -> dict:
     """Turn a raw WebDataset sample into {key, video (T,H,W,3) uint8 | tokens (T,h,w), actions
@@ -122,11 +127,11 @@ def decode_sample(sample: dict, spec: ClipSpec, rng: np.random.Generator | None)
         raise BadSample(cause, f"{stored_frames} frames, {spec.span} needed")
     # Windows start every frame of a video; token samples hold those every `hop` frames.
     hop = _token_window(meta, spec)["hop"] if cause == "tokens" else 1
-    starts = (stored_frames - spec.span) // hop + 1
-    choice = int(rng.integers(starts)) if rng is not None else 0
-    indices = list(range(choice * hop, choice * hop + spec.span, spec.stride))
+    starts = spec.window_starts(stored_frames, hop)
+    choice = int(rng.integers(len(starts))) if rng is not None else 0
+    indices = list(range(starts[choice], starts[choice] + spec.span, spec.stride))
     if cause == "tokens":
-        clip = {"tokens": _window_tokens(sample, choice, starts, spec)}
+        clip = {"tokens": _window_tokens(sample, choice, len(starts), spec)}
     else:
         clip = {"video": _video(sample, indices, stored_frames, spec)}
     clip["actions"] = _actions(sample, indices, stored_frames, spec)

@@ -76,11 +76,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
     raise ValueError(f"a vocabulary of {vocab_size} codes does not fit 32 bits")
 
 
-def window_starts(stored_frames: int, spec: ClipSpec, hop: int) -> range:
-    """The first frames of the windows of `spec` encoded from a clip: every `hop`-th start."""
-    return range(0, stored_frames - spec.span + 1, hop)
-
-
 @dataclass(frozen=True)
 class TokenizeJob:
     """What every process needs to tokenize shards: the same for all of them."""
@@ -119,7 +114,7 @@ def encode_windows(
     tokenizer, video: np.ndarray, spec: ClipSpec, hop: int, batch_size: int, device
 ) -> np.ndarray:
     """Token ids of the windows of one clip: video (S, H, W, 3) uint8 -> (starts, frames, h, w)."""
-    starts = window_starts(len(video), spec, hop)
+    starts = spec.window_starts(len(video), hop)
     windows = np.stack([video[start : start + spec.span : spec.stride] for start in starts])
     # windows: (starts, frames, H, W, 3)
     encoded = [
@@ -129,11 +124,11 @@ def encode_windows(
     return torch.cat(encoded).numpy()  # (starts, frames, h, w)
 
 
-def tokenize_shard(job: TokenizeJob, split: str, url: str) -> dict:
+def tokenize_shard(job: TokenizeJob, url: str) -> dict:
     """Encode one video shard into the token shard of the same name; returns its record."""
     out_dir, name = Path(job.out_dir), Path(url).name
     dtype = token_dtype(_tokenizer.vocab_size)
-    record = {"split": split, "name": name, "clips": 0, "skipped": dict.fromkeys(SKIP_CAUSES, 0)}
+    record = {"name": name, "clips": 0, "skipped": dict.fromkeys(SKIP_CAUSES, 0)}
     errors = []
     samples = wds.tarfile_to_samples(handler=lambda error: errors.append(error) or True)([{"url": url}])
     # Named by process: a process of a killed run may still be writing its own.
@@ -141,7 +136,7 @@ def tokenize_shard(job: TokenizeJob, split: str, url: str) -> dict:
     with wds.TarWriter(str(temporary), mtime=0) as writer:
         for position, sample in enumerate(samples):
             try:
-                clip, meta = _whole_clip(sample, job.spec)
+                clip = _whole_clip(sample, job.spec)
             except BadSample as bad:
                 record["skipped"][bad.cause] += 1
                 log.warning("skipping %s in %s (%s: %s)", sample.get("__key__"), url, bad.cause, bad.detail)
@@ -159,7 +154,7 @@ def tokenize_shard(job: TokenizeJob, split: str, url: str) -> dict:
                         "source_key": clip["key"],
                         "source_shard": name,
                         "position": position,  # the clip's index in its source shard
-                        "frames": meta["frames"],
+                        "frames": len(clip["video"]),  # stored frames, all decoded
                         "window": {"frames": job.spec.frames, "stride": job.spec.stride, "hop": job.hop},
                         "checksums": {member: checksum(data) for member, data in payload.items()},
                     },
@@ -174,13 +169,12 @@ def tokenize_shard(job: TokenizeJob, split: str, url: str) -> dict:
     return record
 
 
-def _whole_clip(sample: dict, spec: ClipSpec) -> tuple[dict, dict]:
-    """Every stored frame of a video sample (checked as the loader checks it) and its json."""
-    meta, stored = sample_metadata(sample)
+def _whole_clip(sample: dict, spec: ClipSpec) -> dict:
+    """Every stored frame of a video sample, checked as the loader checks it."""
+    _, stored = sample_metadata(sample)
     if stored < spec.span:
         raise BadSample("video", f"{stored} frames, {spec.span} needed")
-    whole = ClipSpec(stored, 1, spec.height, spec.width, spec.num_actions)
-    return decode_sample(sample, whole, rng=None), meta
+    return decode_sample(sample, ClipSpec(stored, 1, spec.height, spec.width, spec.num_actions), rng=None)
 
 
 def tokenize(
@@ -241,18 +235,18 @@ def tokenize(
     _claim(out, manifest)
     job = TokenizeJob(str(checkpoint), weights, spec, hop, batch_size, str(out))
     todo = [
-        (split, str(Path(data_dir) / shard["name"]), shard["clips"])
+        (str(Path(data_dir) / shard["name"]), shard["clips"])
         for split in SPLITS
         for shard in source["splits"][split]["shards"]
         if not (out / shard["name"]).is_file()
     ]
     total = sum(split["clips"] for split in source["splits"].values())
-    done = total - sum(clips for *_, clips in todo)
+    done = total - sum(clips for _, clips in todo)
     with tqdm(total=total, initial=done, unit="clip", desc="tokenize") as progress:
         if devices == 1:
             _use(tokenizer, _device_for(0))
-            for split, url, clips in todo:
-                tokenize_shard(job, split, url)
+            for url, clips in todo:
+                tokenize_shard(job, url)
                 progress.update(clips)
         else:
             slots = WORKER_CONTEXT.Manager().Queue()
@@ -261,7 +255,7 @@ def tokenize(
             with ProcessPoolExecutor(
                 devices, WORKER_CONTEXT, initializer=_start_pool_process, initargs=(job, slots, devices)
             ) as pool:
-                running = {pool.submit(tokenize_shard, job, split, url): clips for split, url, clips in todo}
+                running = {pool.submit(tokenize_shard, job, url): clips for url, clips in todo}
                 for finished in as_completed(running):
                     finished.result()
                     progress.update(running[finished])

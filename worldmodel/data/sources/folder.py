@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import sys
 from collections.abc import Sequence
@@ -92,14 +93,17 @@ def cut_clips(path, name: str, settings: ClipSettings) -> list[Clip]:
     return clips
 
 
-def _cut_or_report(job: tuple[str, str, ClipSettings]) -> tuple[list[Clip], str | None]:
-    path, name, settings = job
+def _cut_or_report(job: tuple[str | bytes, str, ClipSettings, dict]) -> tuple[list[Clip], str | None]:
+    """One video (a path, or its bytes) cut into clips whose json gets `extra`; or why it has none."""
+    source, name, settings, extra = job
     try:
-        clips = cut_clips(path, name, settings)
-    except Exception as error:  # any unreadable file is reported, never fatal to the job
+        clips = cut_clips(io.BytesIO(source) if isinstance(source, bytes) else source, name, settings)
+    except Exception as error:  # any unreadable video is reported, never fatal to the job
         return [], f"{type(error).__name__}: {error}"
     if not clips:
         return [], f"shorter than one clip ({settings.frames} frames at {settings.fps} fps)"
+    for clip in clips:
+        clip.meta.update(extra)
     return clips, None
 
 
@@ -115,15 +119,12 @@ def prepare_videos(
 ) -> dict:
     """Shard the clips of `files` (named relative to `root`); returns the dataset index."""
     names = [str(path.relative_to(root)) for path in files]
-    jobs = [(str(path), name, settings) for path, name in zip(files, names, strict=True)]
+    jobs = [(str(path), name, settings, {}) for path, name in zip(files, names, strict=True)]
     source = source_note or {"kind": "folder", "root": str(root)}
-    return shard_videos(
-        _cut_or_report, jobs, names, out, settings, source, val_fraction, clips_per_shard, workers
-    )
+    return shard_videos(jobs, names, out, settings, source, val_fraction, clips_per_shard, workers)
 
 
 def shard_videos(
-    work,
     jobs: Sequence,
     names: Sequence[str],
     out: str | os.PathLike,
@@ -134,7 +135,7 @@ def shard_videos(
     workers: int,
     unreadable: Sequence[str] = (),
 ) -> dict:
-    """Cut each job's video into clips with `work` in processes, split by video (`names`), write
+    """Cut each job's video into clips in processes (`_cut_or_report`), split by video (`names`), write
     the shards, `dataset.json` and the report of what was skipped; returns the index."""
     split_of = split_by_file(names, val_fraction)
     info = DatasetInfo(
@@ -146,7 +147,9 @@ def shard_videos(
         source=source,
     )
     splits = [split_of[name] for name in names]
-    written, failed = shard_in_parallel(work, jobs, splits, out, info, clips_per_shard, workers, "video")
+    written, failed = shard_in_parallel(
+        _cut_or_report, jobs, splits, out, info, clips_per_shard, workers, "video"
+    )
     failures = {names[number]: reason for number, reason in failed.items()}
     report = {"videos": len(jobs), "clips": written, "failed": failures, "unreadable": list(unreadable)}
     write_json_atomic(Path(out) / REPORT_NAME, report)

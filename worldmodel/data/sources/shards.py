@@ -4,19 +4,17 @@ originals in the training loop is too slow (`benchmarks/data_throughput.py --for
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
 import webdataset as wds
 
 from worldmodel.data.foreign import caption, own_json, video_member
-from worldmodel.data.shards import Clip
-from worldmodel.data.sources.folder import ClipSettings, cut_clips, shard_videos
+from worldmodel.data.sources.folder import ClipSettings, shard_videos
 
 
 def foreign_videos(urls: list[str], caption_field: str | None, extra_member: str | None) -> tuple[list, list]:
-    """(videos, problems): each sample's (name, video bytes, caption, its json) in shard order,
+    """(videos, problems): each sample's (name, video bytes, caption, url) in shard order,
     and what could not be read (a tar error, a sample without a video member)."""
     videos, problems = [], []
 
@@ -31,21 +29,8 @@ def foreign_videos(urls: list[str], caption_field: str | None, extra_member: str
             problems.append(f"{name}: no video member")
             continue
         meta = own_json(sample)
-        videos.append((name, sample[member], caption(sample, meta, caption_field), meta))
+        videos.append((name, sample[member], caption(sample, meta, caption_field), meta.get("url")))
     return videos, problems
-
-
-def _cut_or_report(job: tuple[str, bytes, str, dict, ClipSettings]) -> tuple[list[Clip], str | None]:
-    name, data, text, meta, settings = job
-    try:
-        clips = cut_clips(io.BytesIO(data), name, settings)
-    except Exception as error:  # any unreadable video is reported, never fatal to the job
-        return [], f"{type(error).__name__}: {error}"
-    if not clips:
-        return [], f"shorter than one clip ({settings.frames} frames at {settings.fps} fps)"
-    for clip in clips:  # the caption and where the video came from travel with each clip
-        clip.meta.update(caption=text, url=meta.get("url"))
-    return clips, None
 
 
 def prepare_shards(
@@ -61,9 +46,8 @@ def prepare_shards(
     """Cut every video of the shards at `urls` into clips, as `prepare folder` cuts files; the
     split is by video (a hash of shard and key). Returns the dataset index."""
     videos, problems = foreign_videos(urls, caption_field, video_member_name)
-    jobs = [(name, data, text, meta, settings) for name, data, text, meta in videos]
+    # The caption and where the video came from travel with each of its clips.
+    jobs = [(data, name, settings, {"caption": text, "url": url}) for name, data, text, url in videos]
     names = [name for name, *_ in videos]
     source = {"kind": "shards", "urls": list(urls)}
-    return shard_videos(
-        _cut_or_report, jobs, names, out, settings, source, val_fraction, clips_per_shard, workers, problems
-    )
+    return shard_videos(jobs, names, out, settings, source, val_fraction, clips_per_shard, workers, problems)
