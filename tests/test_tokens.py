@@ -178,7 +178,8 @@ def test_tokenize_continues_only_what_it_was_started_with(tmp_path, atari_dir, t
     tokenize(trained_tokenizer, atari_dir, out, frames=FRAMES, hop=2)
     with pytest.raises(ValueError, match="another window"):
         tokenize(trained_tokenizer, atari_dir, out, frames=FRAMES, hop=1)
-    tokens = np.load(io.BytesIO(next(iter(wds.WebDataset(shard_paths(out, "val"), shardshuffle=False)))["tokens.npy"]))
+    first = next(iter(wds.WebDataset(shard_paths(out, "val"), shardshuffle=False)))
+    tokens = np.load(io.BytesIO(first["tokens.npy"]))
     assert tokens.shape[0] == 3  # 8 stored frames, windows of 4 starting at 0, 2 and 4
 
 
