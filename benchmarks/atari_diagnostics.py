@@ -4,6 +4,7 @@
     python benchmarks/atari_diagnostics.py flicker outputs/atari/tokenizer/checkpoints/last.ckpt DATA
     python benchmarks/atari_diagnostics.py policy      # copy-last and still frames per hold length
     python benchmarks/atari_diagnostics.py step-time   # a teacher-forced dynamics_xs step, fp32 / bf16
+    python benchmarks/atari_diagnostics.py oracle DATA [--tokenizer CKPT]  # the emulator as a perfect model
 
 DATA: the prepared folder `make atari` recorded (outputs/atari/data).
 
@@ -13,7 +14,9 @@ whose 4x4 pixel patch did not change between frames but whose id did. policy: co
 horizons 1 / 4 and the share of exactly repeated frames, over 6 episodes of each game, for random
 actions held 1, 4 or 8 steps. step-time: seconds per training step of dynamics_xs (8 clips x 8
 frames of 16x16 tokens, clean context) with the fused attention kernel and with plain matmuls for
-short temporal attention, in fp32 and under bf16 autocast.
+short temporal attention, in fp32 and under bf16 autocast. oracle: the emulator restored to each
+val clip's last context frame and stepped under the recorded and under random actions: how much
+the actions change the screen, and the ΔtPSNR of a model perfect up to the tokenizer's tokens.
 """
 
 from __future__ import annotations
@@ -97,6 +100,86 @@ def policy() -> None:
             )
 
 
+def oracle(data: str, tokenizer: str | None, context: int = 4, horizon: int = 8, draws: int = 4) -> None:
+    """The emulator as a perfect world model: from the state at eval's last context frame of every
+    val clip, the future under the recorded actions against the futures under `draws` sequences
+    of uniformly random actions (as eval draws them). With a tokenizer checkpoint, both futures
+    also pass through it: the ΔtPSNR of a model that is perfect up to its tokenizer."""
+    import numpy as np
+
+    from worldmodel.data.sources import validation_count
+    from worldmodel.data.sources.atari import (
+        FULL_ACTION_SET_SIZE,
+        AtariSettings,
+        episode_seed,
+        make_env,
+        play_episode,
+    )
+    from worldmodel.data.video import resize_frame
+    from worldmodel.eval.metrics import psnr
+
+    source = read_index(data)["source"]
+    fields = AtariSettings.__dataclass_fields__
+    settings = AtariSettings(**{key: value for key, value in source.items() if key in fields})
+    size = settings.size
+    val = range(source["episodes"] - validation_count(source["episodes"], 0.1), source["episodes"])
+    draw = np.random.default_rng(0)
+    model = None
+    if tokenizer:
+        from worldmodel.training.checkpoint import read_stage_checkpoint, tokenizer_from
+
+        model = tokenizer_from(*read_stage_checkpoint(tokenizer, "tokenizer")).eval()
+    for game in source["games"]:
+        truths, randoms = [], []  # (context + horizon, H, W, 3) clips; randoms[i] from truths[i // draws]
+        for episode in val:
+            seed = episode_seed(settings, game, episode)
+            recorded, actions, _ = play_episode(game, seed, settings)
+            env = make_env(game, settings)
+            observation, _ = env.reset(seed=seed)
+            ale = env.unwrapped.ale
+            starts = set(range(context - 1, len(recorded) - horizon, settings.frames))
+            for step, action in enumerate(actions[: len(recorded) - 1]):
+                if not np.array_equal(resize_frame(observation, size, size), recorded[step]):
+                    raise RuntimeError(f"{game} episode {episode}: the replay left the recording")
+                if step in starts:
+                    past = recorded[step + 1 - context : step + 1]
+                    truths.append(recorded[step + 1 - context : step + 1 + horizon])
+                    state = ale.cloneState()
+                    for _ in range(draws):
+                        future = [
+                            resize_frame(env.step(int(random))[0], size, size)
+                            for random in draw.integers(0, FULL_ACTION_SET_SIZE, horizon)
+                        ]
+                        randoms.append(np.concatenate([past, np.stack(future)]))
+                        ale.restoreState(state)
+                observation = env.step(int(action))[0]
+            env.close()
+        truth = torch.from_numpy(np.stack(truths))  # (clips, context + horizon, H, W, 3)
+        random = torch.from_numpy(np.stack(randoms))  # (clips * draws, context + horizon, H, W, 3)
+        future = truth[:, context:].repeat_interleave(draws, 0)  # each truth beside its draws
+        last = truth[:, context - 1 : context]  # the last context frame: (clips, 1, H, W, 3)
+        rows = {
+            "copy-last": psnr(last.expand_as(truth[:, context:]), truth[:, context:]),
+            "emulator, random actions": psnr(random[:, context:], future),
+        }
+        if model is not None:
+            with torch.no_grad():
+                decoded = [
+                    torch.cat([model.decode(model.encode(batch)) for batch in clips.split(32)])
+                    for clips in (truth, random)
+                ]
+            rows["tokenizer (true actions)"] = psnr(decoded[0][:, context:], truth[:, context:])
+            rows["tokenizer, random actions"] = psnr(decoded[1][:, context:], future)
+        print(f"{game}: {len(truths)} clips, {draws} random action sequences each; PSNR (dB) at horizon step")
+        print(f"  {'':<28}" + "".join(f"{f'h{h}':>8}" for h in (1, 2, 4, 8)))
+        for name, values in rows.items():
+            means = values.mean(0)
+            print(f"  {name:<28}" + "".join(f"{means[h - 1]:8.2f}" for h in (1, 2, 4, 8)))
+        if model is not None:
+            ceiling = rows["tokenizer (true actions)"].mean(0) - rows["tokenizer, random actions"].mean(0)
+            print(f"  {'ΔtPSNR ceiling':<28}" + "".join(f"{ceiling[h - 1]:8.2f}" for h in (1, 2, 4, 8)))
+
+
 def step_time() -> None:
     import worldmodel.models.layers as layers
     from worldmodel.models.dynamics import Dynamics
@@ -136,6 +219,9 @@ def main() -> None:
         command.add_argument("checkpoint")
         command.add_argument("data")
     commands.add_parser("policy")
+    oracle_command = commands.add_parser("oracle")
+    oracle_command.add_argument("data")
+    oracle_command.add_argument("--tokenizer", help="a tokenizer checkpoint: the ceiling through its tokens")
     commands.add_parser("step-time")
     args = parser.parse_args()
     if args.command == "actions":
@@ -144,6 +230,8 @@ def main() -> None:
         flicker(args.checkpoint, args.data)
     elif args.command == "policy":
         policy()
+    elif args.command == "oracle":
+        oracle(args.data, args.tokenizer)
     else:
         step_time()
 
