@@ -1,3 +1,4 @@
+import itertools
 from dataclasses import replace
 
 import pytest
@@ -80,28 +81,62 @@ def test_cached_generation_gives_the_tokens_of_uncached_generation(conditioning)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)
     for _ in range(100):
-        loss, _ = model.training_loss(tokens, actions, generator, clean_context=True)
+        loss, _ = model.training_loss(tokens, actions, generator, clean_context=True, action_dropout=0.3)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     model.eval()
     # windows shorter than the rollout (older frames drop out of attention), and longer
-    for window in (2, 3, None, 20):
-        for temperature in (0.0, 1.0):
-            runs = [
-                model.generate(
-                    tokens[:, :3],
-                    actions,
-                    6,
-                    steps=3,
-                    temperature=temperature,
-                    window=window,
-                    generator=torch.Generator().manual_seed(1),
-                    use_cache=use_cache,
-                )
-                for use_cache in (True, False)
-            ]
-            assert torch.equal(*runs), (window, temperature)
+    for window, temperature, guidance in itertools.product((2, 3, None, 20), (0.0, 1.0), (0.0, 2.0)):
+        runs = [
+            model.generate(
+                tokens[:, :3],
+                actions,
+                6,
+                steps=3,
+                temperature=temperature,
+                window=window,
+                generator=torch.Generator().manual_seed(1),
+                use_cache=use_cache,
+                guidance=guidance,
+            )
+            for use_cache in (True, False)
+        ]
+        assert torch.equal(*runs), (window, temperature, guidance)
+
+
+def test_guidance_decodes_the_logits_pushed_away_from_the_action_free_ones():
+    torch.manual_seed(0)
+    model = Dynamics(DEBUG).eval()
+    torch.nn.init.normal_(model.action_embedding.weight, std=3.0)  # actions that matter
+    tokens, actions = tokens_and_actions(frames=3)
+    masked = tokens.clone()
+    masked[:, 2] = model.mask_id  # the frame to generate, all masked: (B, 3, h, w)
+    with torch.no_grad():
+        conditional = model(masked, actions)[:, 2]  # (B, h, w, V)
+        action_free = model(masked, torch.full_like(actions, -1))[:, 2]
+    for guidance in (0.0, 3.0):
+        expected = (conditional + guidance * (conditional - action_free)).argmax(-1)
+        # one greedy MaskGIT step fixes every position at its most likely id
+        frame = model.generate(tokens[:, :2], actions, 1, steps=1, temperature=0.0, guidance=guidance)
+        assert torch.equal(frame[:, 0], expected), guidance
+    unguided = conditional.argmax(-1)
+    assert not torch.equal(expected, unguided)  # the test can tell guidance from none
+
+
+def test_action_dropout_hides_all_actions_of_the_clips_it_draws():
+    model = Dynamics(DEBUG)
+    tokens, actions = tokens_and_actions()
+
+    def loss(acts, dropout):
+        return model.training_loss(tokens, acts, torch.Generator().manual_seed(0), True, 0.0, dropout)[0]
+
+    null = torch.full_like(actions, -1)
+    assert torch.equal(
+        loss(actions, 0.0), model.training_loss(tokens, actions, torch.Generator().manual_seed(0), True)[0]
+    )
+    assert torch.equal(loss(actions, 0.999999), loss(null, 0.0))  # every clip drawn: no actions
+    assert not torch.equal(loss(actions, 0.0), loss(null, 0.0))
 
 
 def test_greedy_generation_ignores_the_seed_and_a_window_changes_what_a_frame_sees():

@@ -9,6 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+GUIDANCE_HELP = (
+    "classifier-free guidance on the actions, w in logits + w * (logits - action-free logits); "
+    "for models trained with task.action_dropout > 0 (default 0: none)"
+)
+
 
 def _add_shard_options(parser: argparse.ArgumentParser, frames: int, size: int) -> None:
     parser.add_argument("--out", required=True, help="output folder for shards and dataset.json")
@@ -111,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--temperature", type=float, default=0.0, help="0 (default): greedy, the most likely rollout"
     )
     evaluate.add_argument("--top-k", type=int, default=None)
+    evaluate.add_argument("--guidance", type=float, default=0.0, help=GUIDANCE_HELP)
     evaluate.add_argument("--batch-size", type=int, default=4)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--out", default="eval", help="output folder")
@@ -137,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--steps", type=int, default=8, help="MaskGIT iterations per frame")
     generate.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
     generate.add_argument("--top-k", type=int, default=None)
+    generate.add_argument("--guidance", type=float, default=0.0, help=GUIDANCE_HELP)
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument(
         "--weights", choices=("ema", "raw"), default="ema", help="the EMA where training kept one, or raw"
@@ -300,7 +307,11 @@ def _generate(args: argparse.Namespace) -> None:
     actions = (actions * frames)[:frames]  # repeat the given sequence to the requested length
     model = load_world_model(args.checkpoint, args.weights)
     settings = RolloutSettings(
-        maskgit_steps=args.steps, temperature=args.temperature, top_k=args.top_k, seed=args.seed
+        maskgit_steps=args.steps,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+        guidance=args.guidance,
     )
     video = generate_from_video(model, args.context, actions, args.context_frames, settings)
     Path(args.out).write_bytes(encode_mp4(video.numpy(), fps=model.config["data"].get("fps") or 10.0))
@@ -367,7 +378,7 @@ def _run(args: argparse.Namespace) -> None:
         from worldmodel.eval.rollout import RolloutSettings
 
         settings = RolloutSettings(
-            args.context, args.horizon, args.steps, args.temperature, args.top_k, args.seed
+            args.context, args.horizon, args.steps, args.temperature, args.top_k, args.seed, args.guidance
         )
         reports = evaluate(
             args.checkpoints,

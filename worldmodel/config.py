@@ -135,6 +135,9 @@ class TaskConfig:
     # twice the frames per step); false: to earlier frames masked like themselves (Genie)
     clean_context: bool = True
     context_noise: float = 0.0  # dynamics: up to this fraction of context tokens made random
+    # dynamics: the share of training clips whose actions are all hidden (the null action), so
+    # the model also learns the action-free prediction that guidance (eval --guidance) pushes from
+    action_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.stage in STAGES, "task.stage", f"must be one of {STAGES}, got {self.stage!r}")
@@ -142,6 +145,11 @@ class TaskConfig:
             0.0 <= self.context_noise < 1.0,
             "task.context_noise",
             f"must be in [0, 1), got {self.context_noise}",
+        )
+        _require(
+            0.0 <= self.action_dropout < 1.0,
+            "task.action_dropout",
+            f"must be in [0, 1), got {self.action_dropout}",
         )
         _require(
             self.clean_context or self.context_noise == 0.0,

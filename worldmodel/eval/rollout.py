@@ -86,6 +86,7 @@ class RolloutSettings:
     temperature: float = 1.0
     top_k: int | None = None
     seed: int = 0
+    guidance: float = 0.0  # classifier-free guidance on the actions (Dynamics.generate)
 
 
 @torch.no_grad()
@@ -102,6 +103,7 @@ def rollout(
         top_k=settings.top_k,
         generator=generator,
         window=model.window,
+        guidance=settings.guidance,
     )
     decoded = model.tokenizer.decode(torch.cat([tokens, generated], dim=1))
     return decoded[:, settings.context :]

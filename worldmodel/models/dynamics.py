@@ -144,12 +144,15 @@ class Dynamics(nn.Module):
         generator: torch.Generator | None = None,
         clean_context: bool = False,
         context_noise: float = 0.0,
+        action_dropout: float = 0.0,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """MaskGIT cross-entropy on masked tokens of frames 1..T-1 (frame 0 is always context).
 
         `clean_context`: masked frames attend to clean earlier frames (teacher forcing, twice the
         frame entries). `context_noise`: up to this fraction of the clean context tokens is
-        replaced by random ids (a per-clip rate), so rollouts learn to recover from their errors."""
+        replaced by random ids (a per-clip rate), so rollouts learn to recover from their errors.
+        `action_dropout`: this share of the clips (drawn per clip) has all its actions replaced by
+        the null action, which teaches the action-free prediction that guidance needs."""
         batch, frames, height, width = tokens.shape
         device = tokens.device
         # Cosine schedule: the masked fraction of each frame is cos(pi/2 * u), u ~ U(0, 1).
@@ -159,6 +162,9 @@ class Dynamics(nn.Module):
         mask = torch.rand(batch, frames, height, width, device=device, generator=generator) < fraction
         mask[:, 0] = False
         masked_tokens = tokens.masked_fill(mask, self.mask_id)
+        if action_dropout > 0:
+            hidden_actions = torch.rand(batch, 1, device=device, generator=generator) < action_dropout
+            actions = actions.masked_fill(hidden_actions, NULL_ACTION)  # (B, T): whole clips
         leading = self.leading_actions(actions)[:, :frames]
         positions = torch.arange(frames, device=device)
         if clean_context:
@@ -220,6 +226,7 @@ class Dynamics(nn.Module):
         generator: torch.Generator | None = None,
         window: int | None = None,
         use_cache: bool = True,
+        guidance: float = 0.0,
     ) -> torch.Tensor:
         """Roll out `frames` new frames after context tokens (B, Tc, h, w) under actions.
 
@@ -228,6 +235,9 @@ class Dynamics(nn.Module):
         frames (the training clip length), so rollouts can run past the clips the model was
         trained on. `temperature` 0 decodes greedily (the most likely token). `use_cache`
         False recomputes every past frame at every step (the reference the cache must equal).
+        `guidance` w > 0: classifier-free guidance on the actions, logits + w * (logits - logits
+        without actions), which strengthens what the actions change (a model trained with
+        `action_dropout` knows the action-free prediction; others do not).
         """
         batch, context_frames, height, width = context.shape
         total = context_frames + frames
@@ -238,6 +248,18 @@ class Dynamics(nn.Module):
         if window is not None and window < 2:
             raise ValueError(f"window must hold at least one past frame and the new one, got {window}")
         leading = self.leading_actions(actions[:, : total - 1])  # (B, total)
+        if guidance:  # the batch twice, with its actions and without: (2B, total)
+            leading = torch.cat([leading, torch.full_like(leading, NULL_ACTION)])
+
+        def both(entries: torch.Tensor) -> torch.Tensor:  # (B, ...) -> (2B, ...) under guidance
+            return torch.cat([entries, entries]) if guidance else entries
+
+        def guided(logits: torch.Tensor) -> torch.Tensor:  # (2B, h, w, V) -> (B, h, w, V)
+            if not guidance:
+                return logits
+            conditional, action_free = logits.float().chunk(2)
+            return conditional + guidance * (conditional - action_free)
+
         device = context.device
         sequence = context
         cache = None
@@ -245,7 +267,10 @@ class Dynamics(nn.Module):
             cache = KVCache()
             positions = torch.arange(context_frames, device=device)
             _, kv = self.run(
-                context, leading[:, :context_frames], positions, window_mask(positions, positions, window)
+                both(context),
+                leading[:, :context_frames],
+                positions,
+                window_mask(positions, positions, window),
             )
             cache.append(kv, positions)
         for position in range(context_frames, total):
@@ -254,18 +279,18 @@ class Dynamics(nn.Module):
                 mask = window_mask(here, torch.cat([cache.positions, here]), window)
 
                 def logits_of(frame, here=here, mask=mask, position=position):
-                    hidden, _ = self.run(frame, leading[:, position : position + 1], here, mask, cache)
-                    return self.head(hidden[:, -1])
+                    hidden, _ = self.run(both(frame), leading[:, position : position + 1], here, mask, cache)
+                    return guided(self.head(hidden[:, -1]))
             else:
 
                 def logits_of(frame, past=sequence, position=position):
                     whole = torch.cat([past, frame], dim=1)  # (B, position + 1, h, w)
-                    return self(whole, leading[:, 1 : position + 1], window)[:, -1]
+                    return guided(self(both(whole), leading[:, 1 : position + 1], window)[:, -1])
 
             frame = self._decode_frame(logits_of, batch, height, width, steps, temperature, top_k, generator)
             sequence = torch.cat([sequence, frame], dim=1)
             if use_cache and position < total - 1:  # the decided frame becomes context
-                _, kv = self.run(frame, leading[:, position : position + 1], here, mask, cache)
+                _, kv = self.run(both(frame), leading[:, position : position + 1], here, mask, cache)
                 cache.append(kv, here)
         return sequence[:, context_frames:]
 

@@ -252,7 +252,12 @@ class DynamicsModule(WorldModelModule):
     def compute_loss(self, batch, generator):
         task = self.config.task
         return self.net.training_loss(
-            self.tokens(batch), batch["actions"], generator, task.clean_context, task.context_noise
+            self.tokens(batch),
+            batch["actions"],
+            generator,
+            task.clean_context,
+            task.context_noise,
+            task.action_dropout,
         )
 
     def tokens(self, batch: dict) -> torch.Tensor:
