@@ -112,8 +112,9 @@ def test_a_fresh_run_never_restores_a_checkpoint_it_was_not_asked_to(
 
 
 @pytest.mark.slow
-def test_deepspeed_saves_recover_from_every_leftover_of_an_interrupted_save(tmp_path, sample_dir):
-    two_ranks = ("strategy=deepspeed_zero2", "trainer.devices=2", "trainer.checkpoint_every_n_steps=2")
+@pytest.mark.parametrize("strategy", ["deepspeed_zero2", "fsdp"])
+def test_sharded_saves_recover_from_every_leftover_of_an_interrupted_save(tmp_path, sample_dir, strategy):
+    two_ranks = (f"strategy={strategy}", "trainer.devices=2", "trainer.checkpoint_every_n_steps=2")
     checkpoints = tmp_path / "checkpoints"
     last = checkpoints / "last.ckpt"
 
@@ -182,13 +183,14 @@ def test_a_preempted_dynamics_run_with_ema_resumes_exactly(tmp_path, atari_dir, 
 
 
 @pytest.mark.slow
-def test_the_dynamics_stage_trains_alike_under_ddp_and_zero3_on_two_processes(
+def test_the_dynamics_stage_trains_alike_under_ddp_zero3_and_fsdp_on_two_processes(
     tmp_path, atari_dir, tokenizer_checkpoint
 ):
     from tests.training_helpers import logged
 
     losses = {}
-    for strategy in ("ddp", "deepspeed_zero3"):
+    strategies = ("ddp", "deepspeed_zero3", "fsdp")
+    for strategy in strategies:
         result = train(
             tmp_path / strategy,
             "task=dynamics",
@@ -203,8 +205,9 @@ def test_the_dynamics_stage_trains_alike_under_ddp_and_zero3_on_two_processes(
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
         losses[strategy] = logged(tmp_path / strategy, "train/loss")
     assert sorted(losses["ddp"]) == [0, 1, 2, 3]
-    for step, loss in losses["ddp"].items():
-        assert losses["deepspeed_zero3"][step] == pytest.approx(loss, rel=1e-5), step
+    for strategy in strategies[1:]:
+        for step, loss in losses["ddp"].items():
+            assert losses[strategy][step] == pytest.approx(loss, rel=1e-5), (strategy, step)
 
 
 @pytest.mark.slow

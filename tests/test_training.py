@@ -46,7 +46,7 @@ def test_every_config_composes_and_builds_its_objects(tmp_path, sample_dir, toke
     combinations += [
         ("strategy=" + name, "trainer=gpu", "data.global_batch_size=32") for name in options("strategy")
     ]
-    combinations += [("strategy=" + name,) for name in options("strategy") if name != "fsdp"]
+    combinations += [("strategy=" + name,) for name in options("strategy")]
     combinations += [("logger=" + name,) for name in options("logger")]
     combinations += [
         ("data=" + name, *(("data.root=null",) if name == "shards" else ())) for name in options("data")
@@ -86,7 +86,8 @@ def test_misconfigured_runs_fail_at_startup_naming_the_problem(tmp_path, sample_
         ): "/no/such.ckpt does not exist",
         ("task=dynamics", "model=dynamics_debug"): "task.tokenizer_checkpoint",
         ("task=dynamics", f"task.tokenizer_checkpoint={tmp_path}"): "model.preset",
-        ("strategy=fsdp",): "fsdp needs GPUs",
+        ("optim.ema_decay=0.99", "strategy=fsdp"): "optim.ema_decay",
+        ("strategy=fsdp", "strategy.reduce_dtype=fp16"): "strategy.reduce_dtype",
         ("optim.ema_decay=0.99", "strategy=deepspeed_zero3"): "optim.ema_decay",
     }
     for overrides, expected in cases.items():
@@ -202,7 +203,7 @@ def test_a_failed_deepspeed_save_leaves_the_previous_checkpoint_folder_whole(tmp
 @pytest.fixture(scope="module")
 def parity_runs(tmp_path_factory, sample_dir) -> dict[str, Path]:
     runs = {}
-    for strategy in ("ddp", "deepspeed_zero2", "deepspeed_zero3"):
+    for strategy in ("ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp"):
         run_dir = tmp_path_factory.mktemp(strategy)
         result = train(
             run_dir,
@@ -218,10 +219,10 @@ def parity_runs(tmp_path_factory, sample_dir) -> dict[str, Path]:
 
 
 @pytest.mark.slow
-def test_ddp_zero2_and_zero3_train_on_two_cpu_processes_with_matching_losses(parity_runs):
+def test_ddp_zero2_zero3_and_fsdp_train_on_two_cpu_processes_with_matching_losses(parity_runs):
     losses = {name: logged(run_dir, "train/loss") for name, run_dir in parity_runs.items()}
     assert sorted(losses["ddp"]) == [0, 1, 2, 3, 4]
-    for name in ("deepspeed_zero2", "deepspeed_zero3"):
+    for name in ("deepspeed_zero2", "deepspeed_zero3", "fsdp"):
         assert losses[name].keys() == losses["ddp"].keys()
         for step, loss in losses["ddp"].items():
             assert losses[name][step] == pytest.approx(loss, rel=1e-5), (name, step)
@@ -231,17 +232,22 @@ def test_ddp_zero2_and_zero3_train_on_two_cpu_processes_with_matching_losses(par
             (parity_runs[name] / "checkpoints" / "last.ckpt" / "checkpoint").glob("*optim_states.pt")
         )
         assert len(shards) == 2  # one optimizer shard per rank: a real ZeRO checkpoint
+    fsdp_shards = list((parity_runs["fsdp"] / "checkpoints" / "last.ckpt").glob("*.distcp"))
+    assert len(fsdp_shards) == 2  # one file of weights and optimizer states per rank
 
 
 @pytest.mark.slow
-def test_export_consolidates_a_zero3_checkpoint_into_ddp_equal_weights(parity_runs, tmp_path):
+@pytest.mark.parametrize("strategy", ["deepspeed_zero3", "fsdp"])
+def test_export_consolidates_a_sharded_checkpoint_into_ddp_equal_weights(parity_runs, tmp_path, strategy):
     import subprocess
     import sys
 
     out = tmp_path / "tokenizer.pt"
     worldmodel = Path(sys.executable).with_name("worldmodel")
-    zero3 = parity_runs["deepspeed_zero3"] / "checkpoints" / "last.ckpt"
-    result = subprocess.run([str(worldmodel), "export", str(zero3), str(out)], capture_output=True, text=True)
+    sharded = parity_runs[strategy] / "checkpoints" / "last.ckpt"
+    result = subprocess.run(
+        [str(worldmodel), "export", str(sharded), str(out)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     exported = load_tokenizer(out).state_dict()
     ddp = net_state_dict(read_checkpoint(parity_runs["ddp"] / "checkpoints" / "last.ckpt"))

@@ -266,6 +266,7 @@ class StrategyConfig:
     offload_parameters: bool = False  # deepspeed stage 3: parameters in CPU memory
     bucket_elements: int = 50_000_000  # deepspeed: elements per communication bucket (memory vs overlap)
     persistence_threshold: int = 100_000  # zero 3: tensors of fewer elements stay whole on every rank
+    reduce_dtype: str = "fp32"  # fsdp: gradients are averaged across ranks in fp32 | bf16
 
     def __post_init__(self) -> None:
         _require(self.name in STRATEGY_NAMES, "strategy.name", f"one of {STRATEGY_NAMES}, got {self.name!r}")
@@ -277,6 +278,11 @@ class StrategyConfig:
             self.persistence_threshold >= 0,
             "strategy.persistence_threshold",
             f"must be >= 0, got {self.persistence_threshold}",
+        )
+        _require(
+            self.reduce_dtype in ("fp32", "bf16"),
+            "strategy.reduce_dtype",
+            f"fp32 or bf16, got {self.reduce_dtype!r}",
         )
         _require(
             not self.offload_parameters or self.zero_stage == 3,
@@ -354,16 +360,12 @@ class TrainConfig:
             "the dynamics stage needs a trained tokenizer checkpoint (train task=tokenizer first), "
             "or token shards that name theirs (data=tokens data.root=DIR from `worldmodel tokenize`)",
         )
-        if self.strategy.name == "fsdp":
-            _require(
-                self.trainer.accelerator == "gpu", "strategy.name", "fsdp needs GPUs; on CPU use deepspeed"
-            )
         _require(
             self.optim.ema_decay is None
             or self.strategy.name == "ddp"
             or (self.strategy.name == "deepspeed" and self.strategy.zero_stage < 3),
             "optim.ema_decay",
-            "EMA needs whole weights on every rank: use ddp or deepspeed zero_stage 1/2",
+            "EMA needs whole weights on every rank: use ddp or deepspeed zero_stage 1/2 (not fsdp)",
         )
         _require(
             not self.trainer.skip_nonfinite_steps or self.strategy.name != "deepspeed",

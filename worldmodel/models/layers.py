@@ -145,6 +145,11 @@ class STBlock(nn.Module):
         self.modulation = None
         if conditioned:
             self.modulation = nn.Linear(dim, 6 * dim)  # scale and shift for each of the three norms
+        self.reset_parameters_after_children()
+
+    def reset_parameters_after_children(self) -> None:
+        """Zero modulation: training starts unconditioned (also run after a meta-device build)."""
+        if self.modulation is not None:
             nn.init.zeros_(self.modulation.weight)
             nn.init.zeros_(self.modulation.bias)
 

@@ -29,8 +29,9 @@ class FSQ(nn.Module):
             raise ValueError(f"FSQ levels must be integers >= 2, got {levels}")
         self.levels = list(levels)
         self.codebook_size = math.prod(levels)
-        levels_t = torch.tensor(levels, dtype=torch.float32)
-        basis = torch.cumprod(torch.tensor([1, *levels[:-1]], dtype=torch.int64), dim=0)
+        # Constants, made on the CPU even when the network is built on the meta device (FSDP).
+        levels_t = torch.tensor(levels, dtype=torch.float32, device="cpu")
+        basis = torch.cumprod(torch.tensor([1, *levels[:-1]], dtype=torch.int64, device="cpu"), dim=0)
         self.register_buffer("_levels", levels_t, persistent=False)
         self.register_buffer("_basis", basis, persistent=False)
 

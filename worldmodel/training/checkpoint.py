@@ -1,9 +1,11 @@
 """Checkpoints: where a run resumes from, reading them with or without DeepSpeed, exporting.
 
-A checkpoint is a file (DDP, single device) or a DeepSpeed folder (`checkpoint/` with model
-states and one optimizer shard per rank). Both hold the resolved config under
-`hyper_parameters.config`, and a dynamics checkpoint holds its tokenizer under `tokenizer`.
-`export` consolidates either kind into one file that loads without DeepSpeed.
+A checkpoint is a file (DDP, single device), a DeepSpeed folder (`checkpoint/` with model
+states and one optimizer shard per rank) or an FSDP folder (torch.distributed.checkpoint's
+`.metadata` and one `.distcp` file per rank, beside Lightning's `meta.pt` with everything but
+the weights and optimizer states). All hold the resolved config under `hyper_parameters.config`,
+and a dynamics checkpoint holds its tokenizer under `tokenizer`. `read_checkpoint` consolidates
+the sharded kinds on one CPU process, and `export` writes any kind as one plain file.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from worldmodel.models.tokenizer import Tokenizer, TokenizerConfig
 
 CHECKPOINT_DIR = "checkpoints"
+FSDP_META = "meta.pt"  # in an FSDP checkpoint folder: Lightning's entries besides the shards
 
 
 class CheckpointError(ValueError):
@@ -57,10 +60,12 @@ def checkpoint_header(path: str | os.PathLike) -> dict:
     """A checkpoint's entries without reading its weights (memory-mapped); for a DeepSpeed
     folder, Lightning's client state in the model-states file (the step, config, net_config)."""
     path = Path(path)
-    if path.is_dir():
+    if (path / FSDP_META).is_file():
+        path = path / FSDP_META
+    elif path.is_dir():
         states = sorted(path.glob("*/mp_rank_00_model_states.pt"))
         if not states:
-            raise CheckpointError(f"{path}: a folder without DeepSpeed model states")
+            raise CheckpointError(f"{path}: a folder without DeepSpeed model states or FSDP shards")
         path = states[0]
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
@@ -69,11 +74,14 @@ def checkpoint_header(path: str | os.PathLike) -> dict:
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """The checkpoint's contents on CPU; for a DeepSpeed folder, its consolidated fp32 weights."""
+    """The checkpoint's contents on CPU; for a DeepSpeed or FSDP folder, its consolidated
+    weights (fp32 where training kept fp32 masters)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
+        if (path / FSDP_META).is_file():
+            return _read_fsdp_folder(path)
         if path.is_dir():
             return _read_deepspeed_folder(path)
         return torch.load(path, map_location="cpu", weights_only=False)
@@ -92,6 +100,21 @@ def _read_deepspeed_folder(path: Path) -> dict:
         with contextlib.redirect_stdout(io.StringIO()):  # the converter prints where it saves
             convert_zero_checkpoint_to_fp32_state_dict(str(path), str(consolidated))
         return torch.load(consolidated, map_location="cpu", weights_only=False)
+
+
+def _read_fsdp_folder(path: Path) -> dict:
+    """Lightning's `meta.pt` with the weights and optimizer states gathered from every rank's
+    shard (torch.distributed.checkpoint, read without a process group)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    checkpoint = torch.load(path / FSDP_META, map_location="cpu", weights_only=False)
+    with tempfile.TemporaryDirectory() as scratch:
+        consolidated = Path(scratch) / "consolidated.pt"
+        dcp_to_torch_save(path, consolidated)
+        states = torch.load(consolidated, map_location="cpu", weights_only=False)
+    checkpoint["state_dict"] = states.pop("state_dict")
+    checkpoint["optimizer_states"] = [states[key] for key in sorted(states) if key.startswith("optimizer_")]
+    return checkpoint
 
 
 def checkpoint_config(checkpoint: dict, path: str | os.PathLike) -> dict:
@@ -157,7 +180,7 @@ def recorded_net_config(checkpoint: dict, config: dict, kind: type):
 
 
 def export(path: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Consolidate a checkpoint (DeepSpeed folder or file) into one file loadable without DeepSpeed."""
+    """Consolidate a checkpoint (DeepSpeed or FSDP folder, or file) into one plain file."""
     checkpoint = read_checkpoint(path)
     config = checkpoint_config(checkpoint, path)
     exported = {

@@ -15,7 +15,9 @@ from dataclasses import asdict
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from worldmodel.config import TrainConfig
 from worldmodel.models.dynamics import Dynamics, DynamicsConfig
@@ -98,16 +100,33 @@ class WorldModelModule(L.LightningModule):
     # -- the shared path -------------------------------------------------------------------
     def configure_model(self) -> None:
         """Build the network here, not in __init__: under ZeRO-3 Lightning calls this inside
-        deepspeed.zero.Init, so each rank only ever holds its shard of the weights."""
+        deepspeed.zero.Init, and under FSDP the network is built on the meta device and sharded
+        before its weights exist, so each rank only ever holds its shard of the weights."""
         if self.net is not None:  # Lightning may call this more than once
             return
-        self.net = self.build_net()
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if not isinstance(strategy, ModelParallelStrategy):
+            self.net = self.compiled(self.build_net())
+            return
+        from worldmodel.training.fsdp import DTYPES, build_sharded
+
+        bf16 = self.config.trainer.precision.startswith("bf16")
+        self.net = build_sharded(
+            lambda: self.compiled(self.build_net()),
+            strategy.device_mesh["data_parallel"],
+            strategy.root_device,
+            param_dtype=torch.bfloat16 if bf16 else None,
+            reduce_dtype=DTYPES[self.config.strategy.reduce_dtype],
+        )
+
+    def compiled(self, net: nn.Module) -> nn.Module:
+        """With trainer.compile, regional compilation: each ST block once (they are alike, so one
+        graph serves all), in place, so state-dict keys stay the same."""
         if self.config.trainer.compile:
-            # Regional compilation: each ST block once (they are alike, so one graph serves all),
-            # in place, so state-dict keys stay the same.
-            for block in self.net.modules():
+            for block in net.modules():
                 if isinstance(block, STBlock):
                     block.compile()
+        return net
 
     def step_generator(self, batch_idx: int) -> torch.Generator:
         """Randomness of one training step, a function of (seed, epoch, batch, rank): resumable."""
@@ -134,9 +153,12 @@ class WorldModelModule(L.LightningModule):
         """Record the network's resolved architecture (loads rebuild from it, not from today's
         presets) and what it was trained on, so evaluation can refuse data it cannot read. A
         state with non-finite weights is never written."""
-        for name, parameter in self.net.named_parameters():
-            if not torch.isfinite(parameter.detach()).all():
-                raise CheckpointError(f"refusing to save a checkpoint: weight {name} is not finite")
+        bad = [name for name, parameter in self.net.named_parameters() if not _finite(parameter.detach())]
+        # every rank checks its shard of sharded weights; all refuse together, none waits
+        if self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
+            raise CheckpointError(
+                f"refusing to save a checkpoint: weight {bad[0] if bad else 'on another rank'} is not finite"
+            )
         checkpoint["net_config"] = asdict(self.net_config)
         spec = self.trainer.datamodule.spec if self.trainer.datamodule else None
         if spec is not None:
@@ -170,21 +192,17 @@ class WorldModelModule(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy):
-            # Lightning's FSDP precision plugin refuses norm clipping; the FSDP root module clips
-            # with the norm taken across all shards.
-            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
-            return
-        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
-
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
         if engine is not None and engine.get_global_grad_norm() is not None:
             self.log("train/grad_norm", float(engine.get_global_grad_norm()))
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    """Whether all of a tensor (of a sharded one: this rank's shard) is finite."""
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return bool(torch.isfinite(local).all())
 
 
 class TokenizerModule(WorldModelModule):

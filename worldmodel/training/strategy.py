@@ -1,9 +1,11 @@
-"""Strategies, applied from outside the model: DDP, DeepSpeed ZeRO 1/2/3 (+ offload), FSDP.
+"""Strategies, applied from outside the model: DDP, DeepSpeed ZeRO 1/2/3 (+ offload), FSDP2.
 
 Lightning's DeepSpeed strategy refuses anything but CUDA in `setup_environment`, while DeepSpeed
 itself runs ZeRO on CPU processes over gloo. `WorldModelDeepSpeedStrategy` lifts that one check
-on CPU, so the same engine runs in CI on two CPU processes and on GPU clusters, and writes its
-sharded checkpoint folders atomically.
+on CPU, so the same engine runs in CI on two CPU processes and on GPU clusters. FSDP2 runs
+through Lightning's `ModelParallelStrategy` (which runs on CPU over gloo as well) with a pure
+data-parallel mesh; the modules shard their networks in `configure_model` (training/fsdp.py).
+Both write their sharded checkpoint folders atomically.
 """
 
 from __future__ import annotations
@@ -14,22 +16,14 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, Strategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy, Strategy
 
 from worldmodel.config import TrainConfig
 
 
-class WorldModelDeepSpeedStrategy(DeepSpeedStrategy):
-    """Lightning's DeepSpeed strategy, runnable on CPU, with atomic checkpoint folders."""
-
-    def setup_environment(self) -> None:
-        if not isinstance(self.accelerator, CPUAccelerator):
-            super().setup_environment()
-            return
-        # Lightning checks device indices are 0..N-1 and hands root_device.index to DeepSpeed as
-        # its device rank (plain "cpu" has index None): give each CPU process an indexed device.
-        self.parallel_devices = [torch.device("cpu", index) for index in range(len(self.parallel_devices))]
-        DDPStrategy.setup_environment(self)  # everything but the CUDA check
+class AtomicFolderSaves:
+    """For strategies whose checkpoint is a folder of per-rank files: a save never leaves a
+    half-written folder where a complete one was."""
 
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
         """Every rank writes its shard into `<path>.partial`; rank 0 then swaps it into place
@@ -48,6 +42,23 @@ class WorldModelDeepSpeedStrategy(DeepSpeedStrategy):
             os.replace(partial, target)
             remove(previous)
         self.barrier("checkpoint_swapped")
+
+
+class WorldModelDeepSpeedStrategy(AtomicFolderSaves, DeepSpeedStrategy):
+    """Lightning's DeepSpeed strategy, runnable on CPU, with atomic checkpoint folders."""
+
+    def setup_environment(self) -> None:
+        if not isinstance(self.accelerator, CPUAccelerator):
+            super().setup_environment()
+            return
+        # Lightning checks device indices are 0..N-1 and hands root_device.index to DeepSpeed as
+        # its device rank (plain "cpu" has index None): give each CPU process an indexed device.
+        self.parallel_devices = [torch.device("cpu", index) for index in range(len(self.parallel_devices))]
+        DDPStrategy.setup_environment(self)  # everything but the CUDA check
+
+
+class WorldModelFSDPStrategy(AtomicFolderSaves, ModelParallelStrategy):
+    """FSDP2 over every rank (data parallel only), with atomic checkpoint folders."""
 
 
 def recover_interrupted_swap(target: Path, partial: Path, previous: Path) -> None:
@@ -87,11 +98,7 @@ def build_strategy(config: TrainConfig) -> Strategy | str:
         zero = strategy.config["zero_optimization"]
         zero["stage3_param_persistence_threshold"] = choice.persistence_threshold
         return strategy
-    from worldmodel.models.layers import STBlock
-
-    return FSDPStrategy(
-        sharding_strategy="FULL_SHARD",
-        auto_wrap_policy={STBlock},
-        activation_checkpointing_policy={STBlock} if config.model.checkpointing else None,
-        state_dict_type="sharded",
+    # Activation checkpointing stays the model's own (model.checkpointing, layers.py).
+    return WorldModelFSDPStrategy(
+        data_parallel_size=trainer.world_size, tensor_parallel_size=1, process_group_backend=backend
     )
