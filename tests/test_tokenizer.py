@@ -1,3 +1,5 @@
+import copy
+
 import torch
 
 from worldmodel.models.tokenizer import FSQ, Tokenizer, TokenizerConfig
@@ -13,6 +15,18 @@ def test_fsq_ids_and_codes_round_trip_over_the_whole_codebook():
     assert torch.equal(fsq.codes_to_ids(codes), ids)
     quantized = fsq(torch.randn(64, 4) * 3)
     assert torch.equal(fsq.ids_to_codes(fsq.codes_to_ids(quantized)), quantized)
+
+
+def test_fsq_in_a_bf16_network_rounds_in_fp32_to_the_codes_of_fp32_inference():
+    fsq = FSQ([8, 5, 5, 5])
+    z = (torch.randn(20000, 4, generator=torch.Generator().manual_seed(0)) * 2).bfloat16()
+    pure = copy.deepcopy(fsq).to(torch.bfloat16)  # the whole network cast, as DeepSpeed's bf16 does
+    codes = pure(z)
+    assert codes.dtype == torch.bfloat16  # what the bf16 decoder takes
+    # In bf16, 0.5% of these ids moved across a rounding boundary.
+    assert torch.equal(pure.codes_to_ids(codes), fsq.codes_to_ids(fsq(z.float())))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(fsq.codes_to_ids(fsq(z)), fsq.codes_to_ids(fsq(z.float())))
 
 
 def test_fsq_passes_gradients_straight_through_to_the_encoder():

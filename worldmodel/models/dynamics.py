@@ -127,6 +127,13 @@ class Dynamics(nn.Module):
         grid = hidden[:, :, : height * width]  # the action token, if any, is not predicted
         return rearrange(grid, "b f (h w) d -> b f h w d", h=height), kv  # (B, F, h, w, D)
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., D) -> logits (..., V), computed in fp32 whatever the training
+        precision (bf16 autocast or DeepSpeed's pure bf16): logits of a few units carry only 2-3
+        significant digits in bf16, enough to move the cross-entropy and MaskGIT's choices."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            return F.linear(hidden.float(), self.head.weight.float())
+
     def forward(self, tokens: torch.Tensor, actions: torch.Tensor, window: int | None = None) -> torch.Tensor:
         """Token ids (B, T, h, w) (mask_id where masked) + actions (B, T) -> logits (B, T, h, w, V).
         Causal in time; with `window`, each frame attends to at most window - 1 earlier ones."""
@@ -134,7 +141,7 @@ class Dynamics(nn.Module):
         positions = torch.arange(frames, device=tokens.device)
         mask = None if window is None else window_mask(positions, positions, window)
         hidden, _ = self.run(tokens, self.leading_actions(actions)[:, :frames], positions, mask)
-        return self.head(hidden)
+        return self.logits(hidden)
 
     # -- training -------------------------------------------------------------------------------
     def training_loss(
@@ -183,8 +190,8 @@ class Dynamics(nn.Module):
             hidden = hidden[:, 1:]  # frame 0 is never masked: (B, T - 1, h, w, D)
         scored = mask[:, 1:]
         targets = tokens[:, 1:][scored]
-        logits = self.head(hidden[scored])  # only where the loss is taken: (masked, V)
-        loss = F.cross_entropy(logits.float(), targets) if scored.any() else hidden.sum() * 0
+        logits = self.logits(hidden[scored])  # only where the loss is taken: (masked, V)
+        loss = F.cross_entropy(logits, targets) if scored.any() else hidden.sum() * 0
         with torch.no_grad():
             accuracy = (logits.argmax(-1) == targets).float().mean() if scored.any() else loss
         return loss, {"masked_accuracy": accuracy, "masked_fraction": mask[:, 1:].float().mean()}
@@ -280,7 +287,7 @@ class Dynamics(nn.Module):
 
                 def logits_of(frame, here=here, mask=mask, position=position):
                     hidden, _ = self.run(both(frame), leading[:, position : position + 1], here, mask, cache)
-                    return guided(self.head(hidden[:, -1]))
+                    return guided(self.logits(hidden[:, -1]))
             else:
 
                 def logits_of(frame, past=sequence, position=position):

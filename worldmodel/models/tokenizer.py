@@ -37,16 +37,20 @@ class FSQ(nn.Module):
 
     def bound(self, z: torch.Tensor) -> torch.Tensor:
         """Squash z (..., C) into each channel's range; even level counts are shifted by half a step."""
-        half_range = (self._levels - 1) * (1 + 1e-3) / 2
-        offset = torch.where(self._levels % 2 == 0, 0.5, 0.0)
+        levels = self._levels.float()  # fp32 even in a network cast to bf16 as a whole
+        half_range = (levels - 1) * (1 + 1e-3) / 2
+        offset = torch.where(levels % 2 == 0, 0.5, 0.0)
         shift = torch.atanh(offset / half_range)
         return torch.tanh(z + shift) * half_range - offset
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """Quantized codes in [-1, 1] (..., C), with a straight-through gradient."""
-        bounded = self.bound(z)
-        rounded = bounded + (torch.round(bounded) - bounded).detach()
-        return rounded / (self._levels // 2)
+        """Quantized codes in [-1, 1] (..., C) of z's dtype, with a straight-through gradient.
+        Bounding and rounding run in fp32 whatever the training precision: in bf16, values near
+        a rounding boundary land on the wrong side and the codes differ from fp32 inference's."""
+        with torch.autocast(z.device.type, enabled=False):
+            bounded = self.bound(z.float())
+            rounded = bounded + (torch.round(bounded) - bounded).detach()
+            return (rounded / (self._levels // 2)).to(z.dtype)
 
     def codes_to_ids(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes (..., C) in [-1, 1] -> ids (...) in [0, codebook_size)."""
