@@ -74,6 +74,14 @@ def test_every_config_composes_and_builds_its_objects(tmp_path, sample_dir, toke
     assert built == len(combinations)
 
 
+def test_adamw_is_fused_on_cuda_except_where_fp16_gradients_must_be_unscaled_before_clipping():
+    from worldmodel.training.modules import fused_adamw
+
+    for precision in ("32-true", "bf16-mixed", "bf16-true"):
+        assert fused_adamw("cuda", precision, 1.0) and not fused_adamw("cpu", precision, 1.0)
+    assert fused_adamw("cuda", "16-mixed", None) and not fused_adamw("cuda", "16-mixed", 1.0)
+
+
 def test_misconfigured_runs_fail_at_startup_naming_the_problem(tmp_path, sample_dir):
     base = (f"run_dir={tmp_path}", f"data.root={sample_dir}")
     cases = {
@@ -411,3 +419,22 @@ def test_deepspeed_in_bf16_trains_both_stages(tmp_path, sample_dir, tokenizer_ch
     )
     assert dynamics.returncode == 0, dynamics.stderr[-3000:]
     assert len(logged(tmp_path / "dynamics", "train/loss")) == 2
+
+
+@pytest.mark.slow
+def test_gradients_are_clipped_under_bf16_autocast(tmp_path, sample_dir):
+    losses = {}
+    for clip in ("1.0", "1e-12"):  # a norm of 1e-12 leaves updates of about lr * 1e-4
+        run = train(
+            tmp_path / clip,
+            "trainer.precision=bf16-mixed",
+            f"optim.grad_clip={clip}",
+            "trainer.max_steps=3",
+            "trainer.checkpoint_every_n_steps=0",
+            sample_dir=sample_dir,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "optimizer: AdamW" in run.stdout + run.stderr
+        losses[clip] = logged(tmp_path / clip, "train/loss")
+    assert losses["1.0"][0] == losses["1e-12"][0]  # the same first batch and weights
+    assert abs(losses["1.0"][2] - losses["1e-12"][2]) > 1e-3  # then clipping held the weights still

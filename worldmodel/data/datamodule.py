@@ -162,6 +162,7 @@ class VideoDataModule(L.LightningDataModule):
             cfg.max_skip_fraction,
             auto_consume=self.consume_on_yield,
             repeat_epoch=self.repeat_epoch,
+            pin_memory=self.on_gpu,
         )
         return self.train_loader
 
@@ -173,7 +174,13 @@ class VideoDataModule(L.LightningDataModule):
             # batches: every rank runs as many as the rank with the fewest.
             strategy = self.trainer.strategy
             agree = lambda has_batch: strategy.reduce_boolean_decision(has_batch, all=True)  # noqa: E731
-        return ClipLoader(self._stream("val"), cfg.num_workers, cfg.max_skip_fraction, agree=agree)
+        return ClipLoader(
+            self._stream("val"), cfg.num_workers, cfg.max_skip_fraction, agree=agree, pin_memory=self.on_gpu
+        )
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
 
 
 def first_sample(url: str) -> dict[str, bytes]:

@@ -481,9 +481,11 @@ class ClipLoader:
         auto_consume: bool = True,
         repeat_epoch: bool = False,
         agree=None,
+        pin_memory: bool = False,
     ):
         self.stream = stream
         self.agree = agree
+        self.pin_memory = pin_memory
         self.num_workers = num_workers
         self.max_skip_fraction = max_skip_fraction
         self.min_samples_for_check = min_samples_for_check
@@ -515,6 +517,9 @@ class ClipLoader:
             # activation memory, each reused it and copied it (6 GB per worker measured with
             # dynamics_xs). A forkserver forks them from a small, clean process instead.
             multiprocessing_context=WORKER_CONTEXT if self.num_workers else None,
+            # page-locked batches: the copy to a GPU runs asynchronously (Lightning moves
+            # batches with non_blocking=True), overlapping the step before
+            pin_memory=self.pin_memory,
         )
         for batch in self._agreed(loader):
             if self.auto_consume:

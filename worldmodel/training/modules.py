@@ -16,6 +16,7 @@ from dataclasses import asdict
 import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -43,6 +44,13 @@ def decay_groups(module: nn.Module, weight_decay: float) -> list[dict]:
             matrix = name == "weight" and isinstance(submodule, nn.Linear | nn.Conv2d | nn.ConvTranspose2d)
             (decayed if matrix else plain).append(parameter)
     return [{"params": decayed, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+def fused_adamw(device_type: str, precision: str, grad_clip: float | None) -> bool:
+    """Whether AdamW runs fused (one kernel for all parameters): on CUDA, except under fp16 mixed
+    precision with clipping, where the loss scaler must unscale the gradients before they are
+    clipped and a fused step unscales them itself."""
+    return device_type == "cuda" and not (precision.startswith("16") and bool(grad_clip))
 
 
 def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
@@ -176,21 +184,34 @@ class WorldModelModule(L.LightningModule):
         optim, strategy = self.config.optim, self.config.strategy
         groups = decay_groups(self.net, optim.weight_decay)
         betas = (optim.beta1, optim.beta2)
+        fused = False
         if strategy.name == "deepspeed" and strategy.offload_optimizer:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             optimizer = DeepSpeedCPUAdam(groups, lr=optim.lr, betas=betas, adamw_mode=True)
         else:
-            # Fused AdamW on CUDA, except where Lightning's mixed-precision plugin clips gradients:
-            # it refuses to clip for optimizers that unscale internally, which fused ones claim to.
-            mixed = self.config.trainer.precision.endswith("-mixed")
-            fused = self.device.type == "cuda" and not (mixed and optim.grad_clip)
+            # The strategy's device, not the module's: DeepSpeed builds the optimizer before it
+            # moves the module to the GPU.
+            fused = fused_adamw(
+                self.trainer.strategy.root_device.type, self.config.trainer.precision, optim.grad_clip
+            )
             optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=betas, fused=fused)
+        rank_zero_info(f"optimizer: {type(optimizer).__name__}{' (fused)' if fused else ''}")
         total = optim.schedule_steps or self.config.trainer.max_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, optim.warmup_steps, total, optim.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        bf16_mixed = self.config.trainer.precision == "bf16-mixed"
+        if gradient_clip_val and bf16_mixed and self.config.strategy.name != "deepspeed":
+            # Lightning's mixed-precision plugin refuses to clip for a fused optimizer, which
+            # unscales fp16 gradients itself; bf16 has no loss scale, so the norm is already true.
+            # (DeepSpeed clips inside its engine.)
+            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
