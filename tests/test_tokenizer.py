@@ -81,3 +81,16 @@ def test_overfitting_one_batch_cuts_the_loss_by_ninety_percent():
         loss.backward()
         optimizer.step()
     assert loss.item() < 0.1 * first, (first, loss.item(), diagnostics)
+
+
+def test_every_gradient_has_its_parameters_layout():
+    # DDP's buckets are views laid out like the parameters; a gradient laid out otherwise (a
+    # convolution fed a channels-last view gives a channels-last weight gradient) is copied at
+    # every step, with the warning "Grad strides do not match bucket view strides".
+    from worldmodel.models.presets import preset
+
+    model = Tokenizer(preset("tokenizer_debug"))
+    video = torch.randint(0, 256, (2, 3, 32, 32, 3), dtype=torch.uint8)
+    model.training_loss(video)[0].backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad.stride() == parameter.stride(), name

@@ -122,7 +122,10 @@ class Tokenizer(nn.Module):
         batch = video.shape[0]
         dtype = self.down[0].weight.dtype  # bf16 when a strategy converted the weights (DeepSpeed, bf16-true)
         pixels = video.to(dtype) / 127.5 - 1.0
-        frames = rearrange(pixels, "b t h w c -> (b t) c h w")  # convs see one frame at a time
+        # Convs see one frame at a time, laid out contiguously: fed the permuted view, they run
+        # channels-last and give weight gradients laid out unlike their parameters (DDP copies
+        # each at every step to fit its buckets).
+        frames = rearrange(pixels, "b t h w c -> (b t) c h w").contiguous()
         features = rearrange(self.down(frames), "(b t) d h w -> b t h w d", b=batch)  # (B, T, h, w, D)
         return self.quantizer(self.to_code(self.encoder(features)))
 
@@ -130,7 +133,7 @@ class Tokenizer(nn.Module):
         """Codes (B, T, h, w, C) -> pixels in [-1, 1] (B, T, H, W, 3)."""
         batch = codes.shape[0]
         features = self.decoder(self.from_code(codes.to(self.from_code.weight.dtype)))  # (B, T, h, w, D)
-        frames = self.up(rearrange(features, "b t h w d -> (b t) d h w"))  # (B*T, 3, H, W)
+        frames = self.up(rearrange(features, "b t h w d -> (b t) d h w").contiguous())  # (B*T, 3, H, W)
         return rearrange(frames, "(b t) c h w -> b t h w c", b=batch)
 
     @torch.no_grad()
