@@ -63,6 +63,7 @@ def test_a_preempted_two_rank_fsdp_dynamics_run_resumes_exactly_and_its_sharded_
     last = {run: tmp_path / run / "checkpoints" / "last.ckpt" for run in ("full", "cut")}
     assert all(len(list(path.glob("*.distcp"))) == 2 for path in last.values())
     final_full, final_cut = (read_checkpoint(path) for path in last.values())
+    assert "optimizer_states" not in final_full  # the weights alone are gathered
     for name, value in final_full["state_dict"].items():
         assert torch.equal(value, final_cut["state_dict"][name]), name
     assert list((tmp_path / "full" / "media").glob("preview_step*.mp4"))
@@ -82,3 +83,9 @@ def test_a_preempted_two_rank_fsdp_dynamics_run_resumes_exactly_and_its_sharded_
         for folder, name in (("eval_folder", "last.ckpt"), ("eval_export", "exported.ckpt"))
     ]
     assert reports[0]["per_step"] == reports[1]["per_step"]  # the folder and its export: one model
+
+
+def test_reading_a_checkpoint_file_leaves_its_optimizer_states_on_disk(tokenizer_checkpoint):
+    assert torch.load(tokenizer_checkpoint, weights_only=False)["optimizer_states"]
+    read = read_checkpoint(tokenizer_checkpoint)
+    assert "optimizer_states" not in read and read["state_dict"]

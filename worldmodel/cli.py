@@ -9,10 +9,17 @@ import sys
 import time
 from pathlib import Path
 
+DEVICE_HELP = "cpu, cuda, cuda:1 (default: cuda if there is one)"
 GUIDANCE_HELP = (
     "classifier-free guidance on the actions, w in logits + w * (logits - action-free logits); "
     "for models trained with task.action_dropout > 0 (default 0: none)"
 )
+
+
+def default_device(device: str | None) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _add_shard_options(parser: argparse.ArgumentParser, frames: int, size: int) -> None:
@@ -120,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=4)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--out", default="eval", help="output folder")
-    evaluate.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if there is one)")
+    evaluate.add_argument("--device", default=None, help=DEVICE_HELP)
     evaluate.add_argument("--i3d", default=None, help="I3D weights file for FVD (see worldmodel/eval/i3d.py)")
     evaluate.add_argument(
         "--lpips", default=None, help="LPIPS-AlexNet weights (see worldmodel/eval/lpips.py)"
@@ -144,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
     generate.add_argument("--top-k", type=int, default=None)
     generate.add_argument("--guidance", type=float, default=0.0, help=GUIDANCE_HELP)
+    generate.add_argument("--device", default=None, help=DEVICE_HELP)
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument(
         "--weights", choices=("ema", "raw"), default="ema", help="the EMA where training kept one, or raw"
@@ -305,7 +313,7 @@ def _generate(args: argparse.Namespace) -> None:
     actions = [int(action) for action in args.actions.split(",") if action.strip()]
     frames = args.frames or len(actions)
     actions = (actions * frames)[:frames]  # repeat the given sequence to the requested length
-    model = load_world_model(args.checkpoint, args.weights)
+    model = load_world_model(args.checkpoint, args.weights).to(default_device(args.device))
     settings = RolloutSettings(
         maskgit_steps=args.steps,
         temperature=args.temperature,
@@ -372,8 +380,6 @@ def _run(args: argparse.Namespace) -> None:
         if problems:
             raise SystemExit(1)
     elif args.command == "eval":
-        import torch
-
         from worldmodel.eval.report import evaluate, table
         from worldmodel.eval.rollout import RolloutSettings
 
@@ -390,7 +396,7 @@ def _run(args: argparse.Namespace) -> None:
             i3d_weights=args.i3d,
             lpips_weights=args.lpips,
             wandb_mode=args.wandb,
-            device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+            device=default_device(args.device),
             weights=args.weights,
         )
         for report in reports:

@@ -10,7 +10,7 @@ reconstruction (the ceiling), and, where the data has actions, the model under r
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -177,10 +177,11 @@ def generate_from_video(
         raise ValueError(f"{path}: {len(frames)} frames, --context asks for {context}")
     if any(not 0 <= action < model.num_actions for action in actions):
         raise ValueError(f"--actions must be ids in [0, {model.num_actions}), got {actions}")
-    video = torch.stack(frames)[None]  # (1, context, H, W, 3)
+    device = model.device
+    video = torch.stack(frames)[None].to(device)  # (1, context, H, W, 3)
     # Actions of the context frames before the last are unknown: the null action.
-    sequence = torch.tensor([[NULL_ACTION] * (context - 1) + list(actions)])
-    run = RolloutSettings(context, len(actions), settings.maskgit_steps, settings.temperature, settings.top_k)
+    sequence = torch.tensor([[NULL_ACTION] * (context - 1) + list(actions)], device=device)
+    run = replace(settings, context=context, horizon=len(actions))
     tokens = model.tokenizer.encode(video)
-    generated = rollout(model, tokens, sequence, run, torch.Generator().manual_seed(settings.seed))
-    return torch.cat([video, generated], dim=1)[0]
+    generated = rollout(model, tokens, sequence, run, torch.Generator(device).manual_seed(settings.seed))
+    return torch.cat([video, generated], dim=1)[0].cpu()

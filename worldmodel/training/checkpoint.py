@@ -15,6 +15,7 @@ import io
 import os
 import pickle
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -74,8 +75,10 @@ def checkpoint_header(path: str | os.PathLike) -> dict:
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """The checkpoint's contents on CPU; for a DeepSpeed or FSDP folder, its consolidated
-    weights (fp32 where training kept fp32 masters)."""
+    """The checkpoint's contents on CPU without its optimizer states (what evaluating, exporting
+    or generating needs; a resume reads them through Lightning): a file is memory-mapped, so
+    the states it holds are never read from disk; of an FSDP folder only the weights are
+    gathered; a DeepSpeed folder's fp32 weights live in its optimizer shards, which are read."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint")
@@ -83,8 +86,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         if (path / FSDP_META).is_file():
             return _read_fsdp_folder(path)
         if path.is_dir():
-            return _read_deepspeed_folder(path)
-        return torch.load(path, map_location="cpu", weights_only=False)
+            checkpoint = _read_deepspeed_folder(path)
+        else:
+            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        checkpoint.pop("optimizer_states", None)
+        return checkpoint
     except (RuntimeError, EOFError, OSError, KeyError, ValueError, pickle.UnpicklingError) as error:
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(error).__name__}: {error})") from error
 
@@ -103,17 +109,15 @@ def _read_deepspeed_folder(path: Path) -> dict:
 
 
 def _read_fsdp_folder(path: Path) -> dict:
-    """Lightning's `meta.pt` with the weights and optimizer states gathered from every rank's
-    shard (torch.distributed.checkpoint, read without a process group)."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    """Lightning's `meta.pt` with the weights gathered from every rank's shard
+    (torch.distributed.checkpoint, read without a process group; optimizer states left)."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
     checkpoint = torch.load(path / FSDP_META, map_location="cpu", weights_only=False)
-    with tempfile.TemporaryDirectory() as scratch:
-        consolidated = Path(scratch) / "consolidated.pt"
-        dcp_to_torch_save(path, consolidated)
-        states = torch.load(consolidated, map_location="cpu", weights_only=False)
-    checkpoint["state_dict"] = states.pop("state_dict")
-    checkpoint["optimizer_states"] = [states[key] for key in sorted(states) if key.startswith("optimizer_")]
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", "torch.distributed is unavailable or uninitialized")
+        states = _load_state_dict_from_keys({"state_dict"}, checkpoint_id=path)
+    checkpoint["state_dict"] = states["state_dict"]
     return checkpoint
 
 
