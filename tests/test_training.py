@@ -245,6 +245,29 @@ def test_ddp_zero2_zero3_and_fsdp_train_on_two_cpu_processes_with_matching_losse
 
 
 @pytest.mark.slow
+def test_compiled_blocks_train_under_zero3_and_fsdp_with_the_losses_of_eager_ddp(
+    parity_runs, sample_dir, tmp_path
+):
+    eager = logged(parity_runs["ddp"], "train/loss")
+    for strategy in ("deepspeed_zero3", "fsdp"):
+        result = train(
+            tmp_path / strategy,
+            f"strategy={strategy}",
+            "trainer.devices=2",
+            "trainer.max_steps=2",
+            "trainer.checkpoint_every_n_steps=0",
+            "trainer.compile=true",
+            sample_dir=sample_dir,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        compiled = logged(tmp_path / strategy, "train/loss")
+        assert sorted(compiled) == [0, 1]
+        for step, loss in compiled.items():
+            assert loss == pytest.approx(eager[step], rel=1e-5), (strategy, step)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["deepspeed_zero3", "fsdp"])
 def test_export_consolidates_a_sharded_checkpoint_into_ddp_equal_weights(parity_runs, tmp_path, strategy):
     import subprocess
