@@ -1,10 +1,15 @@
-"""A real single-node SLURM cluster in a temporary folder, for the tests of slurm/ and sweeps.
+"""A real SLURM cluster in a temporary folder, for the tests of slurm/ and sweeps.
 
 Debian's slurm 22.05 and munge packages are fetched with `apt-get download` (cached in
 WORLDMODEL_SLURM_DEBS, default ~/.cache/worldmodel/slurm-debs) and unpacked with `dpkg -x`:
 nothing is installed system-wide. munged runs with its own key and socket; slurmctld and slurmd
 run on free local ports with a generated slurm.conf. `env` is what a shell needs to use the
 cluster (PATH with sbatch/srun/scontrol, LD_LIBRARY_PATH, SLURM_CONF); jobs inherit it.
+
+With `nodes` > 1 the one machine hosts several nodes, each its own slurmd (`slurmd -N NAME`) on
+its own port. The first node is named after the machine and the others after it (`HOST-2`,
+...), which SLURM sorts after it: a job's first node, where its batch script and rank 0 run and
+whose name Lightning takes as the main address, is the one name that resolves.
 """
 
 from __future__ import annotations
@@ -55,7 +60,8 @@ def free_port() -> int:
 class LocalSlurm:
     """`with LocalSlurm(folder) as cluster:` a running cluster of one node with `cpus` CPUs."""
 
-    def __init__(self, root: Path, cpus: int = 2, debs: Path | None = None):
+    def __init__(self, root: Path, cpus: int = 2, debs: Path | None = None, nodes: int = 1):
+        """`cpus` per node."""
         self.root = Path(root)
         self.cpus = cpus
         self.debs = debs or Path(
@@ -64,6 +70,7 @@ class LocalSlurm:
         self.pkg = self.root / "pkg"
         self.processes: list[subprocess.Popen] = []
         self.node = socket.gethostname()
+        self.nodes = [self.node, *(f"{self.node}-{i}" for i in range(2, nodes + 1))]
 
     # -- setup -----------------------------------------------------------------------------
     def _unpack(self) -> None:
@@ -86,6 +93,11 @@ class LocalSlurm:
             (self.root / folder).mkdir(parents=True, exist_ok=True)
         user = subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
         root = self.root
+        nodes = "".join(  # every node at 127.0.0.1, each slurmd on its own port
+            f"NodeName={node} NodeHostname={self.node} NodeAddr=127.0.0.1 Port={free_port()} "
+            f"CPUs={self.cpus} State=UNKNOWN\n"
+            for node in self.nodes
+        )
         (root / "slurm.conf").write_text(
             f"""ClusterName=worldmodel-test
 SlurmctldHost={self.node}(127.0.0.1)
@@ -98,11 +110,11 @@ PluginDir={self.pkg}/{LIB}/slurm-wlm
 SlurmctldPort={free_port()}
 SlurmdPort={free_port()}
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd.log
+SlurmdLogFile={root}/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -119,10 +131,11 @@ SlurmdTimeout=30
 InactiveLimit=0
 MinJobAge=600
 KillWait=10
-NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN
-PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+{nodes}PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 """
         )
+        for node in self.nodes:
+            (root / "spool" / node).mkdir(parents=True, exist_ok=True)
 
     def _start_munge(self) -> None:
         key = self.root / "munge" / "munge.key"
@@ -163,7 +176,8 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP Over
         self._write_config()
         self._start_munge()
         self._daemon("slurmctld-wlm", "-D", "-i")
-        self._daemon("slurmd-wlm", "-D", "-d", str(self.pkg / "usr/sbin/slurmstepd-wlm"))
+        for node in self.nodes:
+            self._daemon("slurmd-wlm", "-D", "-N", node, "-d", str(self.pkg / "usr/sbin/slurmstepd-wlm"))
         self._wait(lambda: self.node_state() == "idle", "the node to become idle")
         return self
 

@@ -1,10 +1,11 @@
-"""Callbacks: the data position, throughput and MFU, preview videos, preemption signals, the guard
-against non-finite steps."""
+"""Callbacks: the data position, where each rank runs, throughput and MFU, preview videos,
+preemption signals, the guard against non-finite steps."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -74,6 +75,22 @@ def device_peak_flops(module: L.LightningModule, configured_tflops: float | None
         f"no peak FLOP/s known for {name!r}: MFU is not logged (set trainer.peak_tflops)", stacklevel=1
     )
     return None
+
+
+class Placement(L.Callback):
+    """Every rank of a distributed run says where it runs (node, local rank, the main address
+    it rendezvoused at): the first thing to read when a multi-node job hangs or is slow."""
+
+    def setup(self, trainer, module, stage: str) -> None:
+        if trainer.world_size == 1:
+            return
+        host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+        main = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        print(
+            f"rank {trainer.global_rank}/{trainer.world_size}: node {trainer.node_rank} ({host}), "
+            f"local rank {trainer.local_rank}, main address {main}",
+            flush=True,
+        )
 
 
 class Throughput(L.Callback):

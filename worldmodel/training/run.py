@@ -30,6 +30,7 @@ from worldmodel.training.callbacks import (
     DataPosition,
     NonFiniteError,
     NonFiniteGuard,
+    Placement,
     Preemption,
     PreviewVideos,
     Throughput,
@@ -91,6 +92,7 @@ def build_trainer(config: TrainConfig) -> L.Trainer:
     ema = [EMA(config.optim.ema_decay)] if config.optim.ema_decay is not None else []
     callbacks = [
         DataPosition(),
+        Placement(),
         Throughput(trainer_config.peak_tflops),
         *ema,
         Preemption(),
