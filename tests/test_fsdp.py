@@ -89,3 +89,47 @@ def test_reading_a_checkpoint_file_leaves_its_optimizer_states_on_disk(tokenizer
     assert torch.load(tokenizer_checkpoint, weights_only=False)["optimizer_states"]
     read = read_checkpoint(tokenizer_checkpoint)
     assert "optimizer_states" not in read and read["state_dict"]
+
+
+def _build_sharded_rank(rank: int, port: int, config, out: Path) -> None:
+    """One of two gloo ranks: build Dynamics(config) sharded; record its peak-memory growth, the
+    bytes it holds and its largest parameter's (whole) bytes."""
+    import os
+    import resource
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from worldmodel.training.fsdp import build_sharded
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    mesh = init_device_mesh("cpu", (2,))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak so far, KiB -> bytes
+    net = build_sharded(lambda: Dynamics(config), mesh, torch.device("cpu"))
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    held = sum(parameter.to_local().numel() * 4 for parameter in net.parameters())
+    largest = max(parameter.numel() * 4 for parameter in net.parameters())
+    report = {"grown": grown, "held": held, "largest": largest}
+    (out / f"rank{rank}.json").write_text(json.dumps(report))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_no_rank_ever_holds_the_whole_model_while_building_it_sharded(tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests.slurm_cluster import free_port
+    from worldmodel.models.flops import dynamics_parameters
+
+    config = replace(preset("dynamics_m"), vocab_size=1000)  # the vocabulary of a trained tokenizer
+    whole = dynamics_parameters(config) * 4  # 115M parameters: 459 MB in fp32
+    mp.spawn(_build_sharded_rank, args=(free_port(), config, tmp_path), nprocs=2)
+    for rank in range(2):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert report["held"] == pytest.approx(whole / 2, rel=0.01)  # each rank its half
+        # Peak growth while building: the rank's half, plus one whole parameter being drawn and
+        # its slice (measured: +0.5x of the model at most); a rank that built the whole model
+        # before sharding would have grown by all of it.
+        bound = report["held"] + 2 * report["largest"] + 64e6
+        assert report["grown"] < bound < 0.8 * whole, (rank, report)
