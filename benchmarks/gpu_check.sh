@@ -8,12 +8,13 @@
 #   env          GPU, driver, torch / lightning / deepspeed versions
 #   tokenizer    30 steps of the demo tokenizer: bf16-mixed, torch.compile, fused AdamW; steps/s, MFU
 #   dynamics     30 steps of the demo dynamics model on that tokenizer, same settings
-#   zero2        the tokenizer under DeepSpeed ZeRO-2 in bf16
-#   zero3        the tokenizer under ZeRO-3 with torch.compile (works, or is refused at startup)
+#   strategy_*   dynamics_s (99M parameters) in bf16 under DDP, ZeRO-2, ZeRO-3 and FSDP2, each eager
+#                and compiled: tokens/s, MFU, peak memory, loss beside DDP's (benchmarks/gpu_report.py
+#                writes them to gpu-<date>-<gpu>.json and a table in gpu_check.md)
 #   eval         worldmodel eval of the dynamics checkpoint on the GPU (KV-cached rollouts)
-#   dynamics_s   30 steps of dynamics_s (99M parameters) on the same tokens: MFU at a real size
 #   tokenize     worldmodel tokenize on the GPU, then 30 dynamics steps from the token shards
 # Wheels the machine lacks may be carried in .whl/ (installed with --no-deps first).
+# GPU_CHECK_TINY=1 runs every check on the CPU with tiny settings (how the tests keep it working).
 set -u
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-gpu_check}}"
@@ -52,26 +53,37 @@ EOF
 check env 60 bash -c "nvidia-smi; $python -c 'import torch, lightning; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0), lightning.__version__)'; $python -c 'import deepspeed; print(deepspeed.__version__)'"
 check sample 300 "$python" -m worldmodel.cli prepare sample --out "$work/sample"
 
-gpu=(trainer=gpu trainer.devices=1 logger=csv data.root="$work/sample" data.num_workers=4
-     trainer.max_steps=30 trainer.log_every_n_steps=5 trainer.val_every_n_steps=30
-     trainer.limit_val_batches=2 trainer.checkpoint_every_n_steps=30 trainer.video_every_n_steps=30)
+steps=30 strategy_steps=12 size=dynamics_s compiles="false true" device=cuda frames=8
+gpu=(trainer=gpu trainer.devices=1 data.num_workers=4)
+if [[ -n "${GPU_CHECK_TINY:-}" ]]; then
+    steps=3 strategy_steps=3 size=dynamics_debug compiles=false device=cpu frames=4
+    gpu=(trainer=cpu trainer.devices=1 data.num_workers=1 data.frames=4 data.global_batch_size=2)
+fi
+gpu+=(logger=csv data.root="$work/sample" trainer.max_steps=$steps trainer.log_every_n_steps=1
+      trainer.val_every_n_steps=$steps trainer.limit_val_batches=2 trainer.checkpoint_every_n_steps=$steps
+      trainer.video_every_n_steps=$steps)
 check tokenizer 300 "$python" train.py experiment=demo_tokenizer "${gpu[@]}" run_dir="$work/tokenizer"
 echo "  tokenizer: MFU $(last_metric "$work/tokenizer" perf/mfu), clips/s $(last_metric "$work/tokenizer" perf/clips_per_s)" >> "$report"
 check dynamics 300 "$python" train.py experiment=demo_dynamics "${gpu[@]}" run_dir="$work/dynamics" \
     task.tokenizer_checkpoint="$work/tokenizer/checkpoints/last.ckpt"
 echo "  dynamics: MFU $(last_metric "$work/dynamics" perf/mfu), clips/s $(last_metric "$work/dynamics" perf/clips_per_s)" >> "$report"
-check zero2 300 "$python" train.py experiment=demo_tokenizer "${gpu[@]}" run_dir="$work/zero2" \
-    strategy=deepspeed_zero2 trainer.compile=false
-check zero3 300 "$python" train.py experiment=demo_tokenizer "${gpu[@]}" run_dir="$work/zero3" \
-    strategy=deepspeed_zero3
+tokenizer="$work/tokenizer/checkpoints/last.ckpt"
+for strategy in ddp deepspeed_zero2 deepspeed_zero3 fsdp; do
+    for compiled in $compiles; do
+        name="strategy_${strategy}$([[ $compiled == true ]] && echo _compiled)"
+        check "$name" 300 "$python" train.py experiment=demo_dynamics "${gpu[@]}" run_dir="$work/$name" \
+            model=$size trainer.max_steps=$strategy_steps trainer.val_every_n_steps=1000 \
+            trainer.video_every_n_steps=0 trainer.checkpoint_every_n_steps=0 strategy=$strategy \
+            trainer.compile=$compiled task.tokenizer_checkpoint="$tokenizer"
+        echo "  $name: $(grep -o 'optimizer: .*' "$out/$name.log" | head -1)" >> "$report"
+    done
+done
+"$python" benchmarks/gpu_report.py "$work" "$out" > /dev/null
 check eval 300 "$python" -m worldmodel.cli eval "$work/dynamics/checkpoints/last.ckpt" --data "$work/sample" \
-    --context 4 --horizon 4 --clips 16 --device cuda --out "$out/eval"
-check dynamics_s 300 "$python" train.py experiment=demo_dynamics "${gpu[@]}" run_dir="$work/dynamics_s" \
-    model=dynamics_s data.global_batch_size=16 task.tokenizer_checkpoint="$work/tokenizer/checkpoints/last.ckpt"
-echo "  dynamics_s: MFU $(last_metric "$work/dynamics_s" perf/mfu), clips/s $(last_metric "$work/dynamics_s" perf/clips_per_s)" >> "$report"
+    --context $((frames / 2)) --horizon $((frames / 2)) --clips 16 --device $device --out "$out/eval"
 check tokenize 300 "$python" -m worldmodel.cli tokenize "$work/tokenizer/checkpoints/last.ckpt" \
-    --data "$work/sample" --out "$work/tokens" --frames 8 --batch-size 64
+    --data "$work/sample" --out "$work/tokens" --frames $frames --batch-size 64
 check from_tokens 300 "$python" train.py experiment=demo_dynamics "${gpu[@]}" run_dir="$work/from_tokens" \
-    data=tokens data.root="$work/tokens" data.frames=8 task.tokenizer_checkpoint=null
+    data=tokens data.root="$work/tokens" data.frames=$frames task.tokenizer_checkpoint=null
 echo "  from_tokens: clips/s $(last_metric "$work/from_tokens" perf/clips_per_s)" >> "$report"
 cat "$report"

@@ -9,8 +9,10 @@ once through worldmodel's Lightning module and Trainer (with its telemetry callb
 a hand-written loop; wall time per step after warm-up, and the achieved FLOP/s (flops.py) against
 the measured fp32 matmul peak of this machine.
 
-memory: peak resident memory of each of 2 CPU ranks, DDP against DeepSpeed ZeRO-3, same model,
-and how much of it the run added over the process after its imports.
+memory: peak resident memory of each of 2 CPU ranks, DDP against DeepSpeed ZeRO-3 and FSDP2, same
+model, micro-batch 1 with activation checkpointing (model states dominate, as at scale), and how
+much of it the run added over the process after its imports; `--override strategy.X=Y` (repeated)
+changes the sharded runs.
 """
 
 from __future__ import annotations
@@ -162,10 +164,12 @@ def memory_rank(args) -> None:
         "trainer.devices=2",
         f"trainer.max_steps={args.steps}",
         "data.frames=4",
-        "data.global_batch_size=4",
+        "data.global_batch_size=2",  # micro-batch 1 per rank, activation checkpointing on:
+        "model.checkpointing=true",  # model states dominate, as at scale
         "data.num_workers=0",
         f"data.root={args.data}",
         f"run_dir={OUT / ('memory_' + args.strategy)}",
+        *args.override,
     )
     import deepspeed  # noqa: F401  - imported by both strategies' runs, so the baseline is the same
 
@@ -196,7 +200,7 @@ def memory(args) -> None:
     print(
         f"model {args.model} ({tokenizer_parameters(preset(args.model)) / 1e6:.1f}M parameters), 2 CPU ranks"
     )
-    for strategy in ("ddp", "deepspeed_zero3"):
+    for strategy in args.strategies.split(","):
         command = [
             sys.executable,
             __file__,
@@ -209,6 +213,7 @@ def memory(args) -> None:
             str(args.steps),
             "--data",
             str(data),
+            *(f"--override={override}" for override in args.override if strategy != "ddp"),
         ]
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         ranks = [json.loads(line) for line in re.findall(r"^\{.*\}$", output, re.M)]
@@ -231,6 +236,10 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=4)
     parser.add_argument("--strategy", default="ddp")
     parser.add_argument("--data", default=None)
+    parser.add_argument("--strategies", default="ddp,deepspeed_zero3,fsdp", help="memory: compared")
+    parser.add_argument(
+        "--override", action="append", default=[], help="memory: a Hydra override for the sharded runs"
+    )
     args = parser.parse_args()
     if args.part in ("all", "step-time"):
         step_time(

@@ -74,6 +74,25 @@ def test_every_config_composes_and_builds_its_objects(tmp_path, sample_dir, toke
     assert built == len(combinations)
 
 
+def test_the_initial_weights_depend_on_the_seed_alone(tmp_path, sample_dir):
+    # Strategies re-seed at different points before the network is built (a single device does
+    # not): the weights must not depend on what drew from the generator before.
+    config = to_train_config(composed(f"run_dir={tmp_path}", f"data.root={sample_dir}"))
+    weights = []
+    for draws_before in (0, 1000):
+        torch.manual_seed(123)
+        torch.rand(draws_before)
+        module = TokenizerModule(config)
+        module.configure_model()
+        weights.append(module.net.state_dict())
+    for name, value in weights[0].items():
+        assert torch.equal(value, weights[1][name]), name
+    config.seed += 1
+    other = TokenizerModule(config)
+    other.configure_model()
+    assert not torch.equal(other.net.state_dict()["to_code.weight"], weights[0]["to_code.weight"])
+
+
 def test_adamw_is_fused_on_cuda_except_where_fp16_gradients_must_be_unscaled_before_clipping():
     from worldmodel.training.modules import fused_adamw
 

@@ -266,6 +266,11 @@ class StrategyConfig:
     offload_parameters: bool = False  # deepspeed stage 3: parameters in CPU memory
     bucket_elements: int = 50_000_000  # deepspeed: elements per communication bucket (memory vs overlap)
     persistence_threshold: int = 100_000  # zero 3: tensors of fewer elements stay whole on every rank
+    # zero 3: at most this many gathered parameter elements alive at once, and a gathered
+    # parameter is kept (not released and regathered) when it is used again within this many
+    # elements; DeepSpeed's defaults (1e9 each) keep a model of up to 1e9 parameters gathered whole
+    live_parameters: int = 1_000_000_000
+    reuse_distance: int = 1_000_000_000
     reduce_dtype: str = "fp32"  # fsdp: gradients are averaged across ranks in fp32 | bf16
 
     def __post_init__(self) -> None:
@@ -274,6 +279,8 @@ class StrategyConfig:
         _require(
             self.bucket_elements >= 1, "strategy.bucket_elements", f"must be >= 1, got {self.bucket_elements}"
         )
+        for name in ("live_parameters", "reuse_distance"):
+            _require(getattr(self, name) >= 0, f"strategy.{name}", f"must be >= 0, got {getattr(self, name)}")
         _require(
             self.persistence_threshold >= 0,
             "strategy.persistence_threshold",

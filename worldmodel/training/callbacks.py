@@ -94,7 +94,8 @@ class Placement(L.Callback):
 
 
 class Throughput(L.Callback):
-    """Tokens/s and clips/s per device, MFU, and the fraction of step time spent waiting for data."""
+    """Tokens/s and clips/s per device, MFU, the fraction of step time spent waiting for data, and
+    on GPUs the peak memory allocated."""
 
     def __init__(self, peak_tflops: float | None = None):
         self.peak_tflops = peak_tflops
@@ -130,6 +131,8 @@ class Throughput(L.Callback):
                 "perf/tokens_per_s": tokens / step,
                 "perf/data_wait": self._wait / step,
             }
+            if module.device.type == "cuda":  # what the allocator held at most, this run so far
+                measured["perf/peak_memory_gb"] = torch.cuda.max_memory_allocated(module.device) / 1e9
             if self.peak_flops:
                 measured["perf/mfu"] = achieved / self.peak_flops
                 module.log("mfu", achieved / self.peak_flops, prog_bar=True, logger=False)

@@ -76,18 +76,17 @@ def initialize_as_constructed(net: nn.Module) -> None:
     """Draw every parameter as constructing `net` under the current RNG state would have.
 
     Modules are reset in registration order (the order the constructors ran in, which the test of
-    this function checks for each network), each on full-size plain tensors that are then sliced
-    into the rank's shard. Modules that set their own initial values after their children's
+    this function checks for each network), each on full-size plain CPU tensors that are then
+    sliced into the rank's shard. Modules that set their own initial values after their children's
     (`reset_parameters_after_children`) do so last."""
     for module in net.modules():
         own = dict(module.named_parameters(recurse=False))
         reset = getattr(module, "reset_parameters", None)
         if not own or not callable(reset):
             continue
-        full = {
-            name: nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=_local(p).device))
-            for name, p in own.items()
-        }
+        # On the CPU, whatever the device: values drawn from the CPU generator, as a normal build
+        # (on the CPU, then moved) draws them.
+        full = {name: nn.Parameter(torch.empty(p.shape, dtype=p.dtype)) for name, p in own.items()}
         module._parameters.update(full)  # reset draws into the full tensors
         reset()
         module._parameters.update(own)
@@ -105,6 +104,7 @@ def _local(parameter: torch.Tensor) -> torch.Tensor:
 
 def _assign(parameter: torch.Tensor, full: torch.Tensor) -> None:
     """Copy a full-size value into a parameter: its shard of it, for a sharded one."""
+    full = full.to(_local(parameter).device)
     if isinstance(parameter, DTensor):
         # every rank drew the same full value (same seed): each keeps its slice, nothing is sent
         full = distribute_tensor(

@@ -113,19 +113,24 @@ class WorldModelModule(L.LightningModule):
         if self.net is not None:  # Lightning may call this more than once
             return
         strategy = self._trainer.strategy if self._trainer is not None else None
-        if not isinstance(strategy, ModelParallelStrategy):
-            self.net = self.compiled(self.build_net())
-            return
-        from worldmodel.training.fsdp import DTYPES, build_sharded
+        # The initial weights are a function of the seed alone, not of what drew from the RNG
+        # before (strategies re-seed at different points): every strategy and device count
+        # starts from the same weights.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            if not isinstance(strategy, ModelParallelStrategy):
+                self.net = self.compiled(self.build_net())
+                return
+            from worldmodel.training.fsdp import DTYPES, build_sharded
 
-        bf16 = self.config.trainer.precision.startswith("bf16")
-        self.net = build_sharded(
-            lambda: self.compiled(self.build_net()),
-            strategy.device_mesh["data_parallel"],
-            strategy.root_device,
-            param_dtype=torch.bfloat16 if bf16 else None,
-            reduce_dtype=DTYPES[self.config.strategy.reduce_dtype],
-        )
+            bf16 = self.config.trainer.precision.startswith("bf16")
+            self.net = build_sharded(
+                lambda: self.compiled(self.build_net()),
+                strategy.device_mesh["data_parallel"],
+                strategy.root_device,
+                param_dtype=torch.bfloat16 if bf16 else None,
+                reduce_dtype=DTYPES[self.config.strategy.reduce_dtype],
+            )
 
     def compiled(self, net: nn.Module) -> nn.Module:
         """With trainer.compile, regional compilation: each ST block once (they are alike, so one

@@ -97,6 +97,8 @@ def build_strategy(config: TrainConfig) -> Strategy | str:
         # Not a constructor argument in Lightning: set in the ZeRO config it built.
         zero = strategy.config["zero_optimization"]
         zero["stage3_param_persistence_threshold"] = choice.persistence_threshold
+        zero["stage3_max_live_parameters"] = choice.live_parameters
+        zero["stage3_max_reuse_distance"] = choice.reuse_distance
         return strategy
     # Activation checkpointing stays the model's own (model.checkpointing, layers.py).
     return WorldModelFSDPStrategy(

@@ -1,0 +1,36 @@
+"""benchmarks/gpu_check.sh, the one script for a real GPU, kept working by running it on the CPU
+with tiny settings (GPU_CHECK_TINY=1): every check but the GPU's own (nvidia-smi) passes and the
+strategy table and its JSON are written."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.training_helpers import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_gpu_check_runs_every_check_on_the_cpu_with_tiny_settings(tmp_path):
+    env = {**os.environ, "GPU_CHECK_TINY": "1", "PYTHON": sys.executable}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    result = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    report = (tmp_path / "gpu_check.md").read_text()
+    assert result.returncode == 0, result.stderr[-3000:]
+    failed = [line for line in report.splitlines() if line.startswith("- FAIL") and "FAIL env " not in line]
+    assert not failed, "\n".join(failed)
+    passed = {line.split()[2] for line in report.splitlines() if line.startswith("- PASS")}
+    strategies = {f"strategy_{name}" for name in ("ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp")}
+    assert {"tokenizer", "dynamics", "eval", "tokenize", "from_tokens", *strategies} <= passed
+    (results,) = tmp_path.glob("gpu-*.json")
+    runs = json.loads(results.read_text())["runs"]
+    assert set(runs) == {"ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp"}
+    for name, run in runs.items():  # one device, the same seed: every strategy trains alike
+        assert run["tokens_per_s"] > 0 and run["vs_ddp"] < 1e-4, (name, run)
