@@ -9,10 +9,11 @@ once through worldmodel's Lightning module and Trainer (with its telemetry callb
 a hand-written loop; wall time per step after warm-up, and the achieved FLOP/s (flops.py) against
 the measured fp32 matmul peak of this machine.
 
-memory: peak resident memory of each of 2 CPU ranks, DDP against DeepSpeed ZeRO-3 and FSDP2, same
-model, micro-batch 1 with activation checkpointing (model states dominate, as at scale), and how
-much of it the run added over the process after its imports; `--override strategy.X=Y` (repeated)
-changes the sharded runs.
+memory: peak resident memory of each of 2 CPU ranks while training (up to the end of the last
+step, before the final checkpoint save, which rank 0 alone does), DDP against DeepSpeed ZeRO-3
+and FSDP2, same model, micro-batch 1 with activation checkpointing (model states dominate, as at
+scale), and how much of it the run added over the process after its imports; `--override
+strategy.X=Y` (repeated) changes the sharded runs.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from worldmodel.training.callbacks import DataPosition, measure_cpu_peak_flops  # noqa: E402
 from worldmodel.training.modules import TokenizerModule, warmup_cosine  # noqa: E402
-from worldmodel.training.run import build_trainer, run, to_train_config  # noqa: E402
+from worldmodel.training.run import build_trainer, fit, prepare, to_train_config  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out"
 
@@ -172,15 +173,29 @@ def memory_rank(args) -> None:
         *args.override,
     )
     import deepspeed  # noqa: F401  - imported by both strategies' runs, so the baseline is the same
+    import lightning as L
 
     baseline_mib = current_rss_mib()
-    run(config)
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    data, module, trainer, resume = prepare(config)
+    peaks = {}
+
+    class TrainingPeak(L.Callback):  # before the run's final checkpoint save, which rank 0 alone does
+        def on_train_end(self, trainer, module):
+            peaks["training"] = peak_rss_mib()
+
+    trainer.callbacks.append(TrainingPeak())
+    fit(config, data, module, trainer, resume)
     rank = int(os.environ.get("LOCAL_RANK", 0))
-    print(
-        json.dumps({"rank": rank, "peak_rss_mib": peak_mib, "training_mib": peak_mib - baseline_mib}),
-        flush=True,
-    )
+    report = {
+        "rank": rank,
+        "peak_rss_mib": peaks["training"],
+        "training_mib": peaks["training"] - baseline_mib,
+    }
+    print(json.dumps({**report, "with_final_save_mib": peak_rss_mib()}), flush=True)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def current_rss_mib() -> float:
