@@ -53,7 +53,7 @@ atari: setup
 	$(BIN)/python train.py experiment=atari_cpu/dynamics run_dir=$(OUT)/dynamics data.root=$(OUT)/data \
 		task.tokenizer_checkpoint=$(OUT)/tokenizer/checkpoints/last.ckpt $(ATARI_TRAIN) $(ATARI_DYNAMICS)
 	$(BIN)/worldmodel eval $(OUT)/dynamics/checkpoints/last.ckpt --data $(OUT)/data \
-		--context 4 --horizon 8 --clips 128 --steps 4 --out $(OUT)/eval $(ATARI_EVAL)
+		--context 4 --horizon 8 --clips 128 --steps 4 --guidance 1 --out $(OUT)/eval $(ATARI_EVAL)
 
 # The same recipe trained longer (README "Results on Atari": the learning curve says why): 3x the
 # tokenizer's steps, 8x the dynamics model's, a checkpoint every 1300 steps for the curve. About
