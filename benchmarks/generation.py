@@ -29,9 +29,16 @@ def frames_per_second(model: Dynamics, context, actions, frames: int, steps: int
     model.generate(
         context, actions, 1, steps=steps, temperature=0, window=window, use_cache=cached
     )  # warm-up
+    synchronize(context.device)
     started = time.perf_counter()
     model.generate(context, actions, frames, steps=steps, temperature=0, window=window, use_cache=cached)
+    synchronize(context.device)
     return context.shape[0] * frames / (time.perf_counter() - started)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":  # kernels run asynchronously: wait before reading the clock
+        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -46,11 +53,14 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=8, help="frames attended (the training clip length)")
     parser.add_argument("--steps", type=int, default=4, help="MaskGIT steps per frame")
     parser.add_argument("--grid", type=int, default=16, help="tokens per side (64x64 frames, x4 tokenizer)")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = Dynamics(replace(preset(args.model), vocab_size=args.vocab, num_actions=18)).eval()
-    context = torch.randint(0, args.vocab, (args.clips, args.context, args.grid, args.grid))
-    actions = torch.randint(0, 18, (args.clips, args.context + args.frames))
+    device = torch.device(args.device)
+    config = replace(preset(args.model), vocab_size=args.vocab, num_actions=18)
+    model = Dynamics(config).to(device).eval()
+    context = torch.randint(0, args.vocab, (args.clips, args.context, args.grid, args.grid), device=device)
+    actions = torch.randint(0, 18, (args.clips, args.context + args.frames), device=device)
     speeds = {
         cached: frames_per_second(model, context, actions, args.frames, args.steps, args.window, cached)
         for cached in (False, True)
@@ -58,7 +68,7 @@ def main() -> None:
     print(
         f"{args.model}, {args.clips} clips, {args.context} context + {args.frames} new frames, window "
         f"{args.window}, {args.steps} MaskGIT steps, {args.grid}x{args.grid} tokens, "
-        f"{torch.get_num_threads()} threads"
+        f"{torch.get_num_threads()} threads, {device}"
     )
     print("| path | frames/s | speed-up |\n|---|---|---|")
     print(f"| without cache | {speeds[False]:.1f} | 1.00x |")

@@ -12,6 +12,11 @@
 #                and compiled: tokens/s, MFU, peak memory, loss beside DDP's (benchmarks/gpu_report.py
 #                writes them to gpu-<date>-<gpu>.json and a table in gpu_check.md)
 #   eval         worldmodel eval of the dynamics checkpoint on the GPU (KV-cached rollouts)
+#   scale        benchmarks/gpu_scale.py: dynamics_s/m/l at 16 frames of 16x16 tokens at the largest
+#                micro-batch that fits (found by doubling): tokens/s, MFU, peak memory against
+#                `worldmodel info`'s estimate; tokenizer_m encode clips/s at 128x128; the loader's
+#                clips/s with 8 workers (is decoding the bottleneck?)
+#   rollout      benchmarks/generation.py on the GPU: rollout frames/s with and without the KV cache
 #   tokenize     worldmodel tokenize on the GPU, then 30 dynamics steps from the token shards
 # Wheels the machine lacks may be carried in .whl/ (installed with --no-deps first).
 # GPU_CHECK_TINY=1 runs every check on the CPU with tiny settings (how the tests keep it working).
@@ -54,9 +59,11 @@ check env 60 bash -c "nvidia-smi; $python -c 'import torch, lightning; print(tor
 check sample 300 "$python" -m worldmodel.cli prepare sample --out "$work/sample"
 
 steps=30 strategy_steps=12 size=dynamics_s compiles="false true" device=cuda frames=8
+scale=() rollout=()
 gpu=(trainer=gpu trainer.devices=1 data.num_workers=4)
 if [[ -n "${GPU_CHECK_TINY:-}" ]]; then
     steps=3 strategy_steps=3 size=dynamics_debug compiles=false device=cpu frames=4
+    scale=(--tiny) rollout=(--grid 4 --context 2 --frames 2 --window 4)
     gpu=(trainer=cpu trainer.devices=1 data.num_workers=1 data.frames=4 data.global_batch_size=2)
 fi
 gpu+=(logger=csv data.root="$work/sample" trainer.max_steps=$steps trainer.log_every_n_steps=1
@@ -81,6 +88,10 @@ done
 "$python" benchmarks/gpu_report.py "$work" "$out" > /dev/null
 check eval 300 "$python" -m worldmodel.cli eval "$work/dynamics/checkpoints/last.ckpt" --data "$work/sample" \
     --context $((frames / 2)) --horizon $((frames / 2)) --clips 16 --device $device --out "$out/eval"
+check scale 600 "$python" benchmarks/gpu_scale.py "$out" --data "$work/sample" "${scale[@]}"
+grep -E '^(##|\||tokenizer|loader)' "$out/scale.log" >> "$report"
+check rollout 120 "$python" benchmarks/generation.py --model $size --device $device "${rollout[@]}"
+grep -E '^\|' "$out/rollout.log" >> "$report"
 check tokenize 300 "$python" -m worldmodel.cli tokenize "$work/tokenizer/checkpoints/last.ckpt" \
     --data "$work/sample" --out "$work/tokens" --frames $frames --batch-size 64
 check from_tokens 300 "$python" train.py experiment=demo_dynamics "${gpu[@]}" run_dir="$work/from_tokens" \
