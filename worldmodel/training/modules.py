@@ -168,7 +168,8 @@ class WorldModelModule(L.LightningModule):
         state with non-finite weights is never written."""
         bad = [name for name, parameter in self.net.named_parameters() if not _finite(parameter.detach())]
         # every rank checks its shard of sharded weights; all refuse together, none waits
-        if self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if strategy.reduce_boolean_decision(bool(bad), all=False) if strategy else bad:
             raise CheckpointError(
                 f"refusing to save a checkpoint: weight {bad[0] if bad else 'on another rank'} is not finite"
             )
