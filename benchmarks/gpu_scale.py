@@ -24,24 +24,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.generation import synchronize  # noqa: E402
 from worldmodel.models.dynamics import Dynamics  # noqa: E402
 from worldmodel.models.flops import dynamics_flops_per_token, dynamics_parameters  # noqa: E402
 from worldmodel.models.memory import training_memory  # noqa: E402
 from worldmodel.models.presets import preset  # noqa: E402
 from worldmodel.models.tokenizer import Tokenizer  # noqa: E402
-from worldmodel.training.callbacks import GPU_PEAK_TFLOPS, measure_cpu_peak_flops  # noqa: E402
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_flops(device: torch.device) -> float:
-    if device.type != "cuda":
-        return measure_cpu_peak_flops()
-    name = torch.cuda.get_device_name(device)
-    return next((tflops * 1e12 for key, tflops in GPU_PEAK_TFLOPS.items() if key in name), float("nan"))
+from worldmodel.training.callbacks import peak_flops  # noqa: E402
 
 
 def train_steps(config, batch: int, frames: int, grid: int, steps: int, device: torch.device) -> dict:
@@ -87,7 +76,7 @@ def largest_batch(config, frames: int, grid: int, device: torch.device, cap: int
 
 def dynamics_rows(sizes, frames, grid, device, steps, cap, vocab) -> list[dict]:
     rows = []
-    peak = peak_flops(device)
+    peak = peak_flops(device) or float("nan")  # an unknown GPU: MFU not a number
     for name in sizes:
         config = replace(preset(name), vocab_size=vocab, num_actions=18)
         batch = largest_batch(config, frames, grid, device, cap)

@@ -53,21 +53,26 @@ def measure_cpu_peak_flops(size: int = 1024, repeats: int = 5) -> float:
 
 
 def device_peak_flops(module: L.LightningModule, configured_tflops: float | None) -> float | None:
-    """Peak FLOP/s of one device: configured, Lightning's table for the GPU (ours for the names
-    it misses, e.g. a plain "NVIDIA H200"), measured on CPU; None (MFU not logged, a warning)
-    for a GPU nobody knows."""
+    """Peak FLOP/s of the module's device: configured, else `peak_flops(device)`."""
     if configured_tflops is not None:
         return configured_tflops * 1e12
-    if module.device.type != "cuda":
+    return peak_flops(module.device)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak FLOP/s of one device: Lightning's table for the GPU (ours for the names it misses,
+    e.g. a plain "NVIDIA H200"), measured on CPU; None (MFU not logged, a warning) for a GPU
+    nobody knows."""
+    if device.type != "cuda":
         return measure_cpu_peak_flops()
     from lightning.fabric.utilities.throughput import get_available_flops
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its own "unknown device" warning; ours follows
-        flops = get_available_flops(module.device, torch.bfloat16)
+        flops = get_available_flops(device, torch.bfloat16)
     if flops:
         return float(flops)
-    name = torch.cuda.get_device_name(module.device)
+    name = torch.cuda.get_device_name(device)
     for key, tflops in GPU_PEAK_TFLOPS.items():
         if key in name:
             return tflops * 1e12
