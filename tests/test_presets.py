@@ -5,11 +5,14 @@ from worldmodel.models.dynamics import Dynamics
 from worldmodel.models.flops import (
     dynamics_flops_per_token,
     dynamics_parameters,
+    lam_flops_per_token,
+    lam_parameters,
     mfu,
     tokenizer_flops_per_token,
     tokenizer_parameters,
 )
-from worldmodel.models.presets import DYNAMICS_PRESETS, TOKENIZER_PRESETS, preset
+from worldmodel.models.lam import LatentActionModel
+from worldmodel.models.presets import DYNAMICS_PRESETS, LAM_PRESETS, TOKENIZER_PRESETS, preset
 from worldmodel.models.tokenizer import Tokenizer
 
 
@@ -31,6 +34,24 @@ def test_tokenizer_formula_matches_the_module(name):
     with torch.device("meta"):
         model = Tokenizer(config)
     assert abs(tokenizer_parameters(config) - count(model)) <= 0.01 * count(model)
+
+
+@pytest.mark.parametrize("name", sorted(LAM_PRESETS))
+def test_lam_formula_matches_the_module(name):
+    config = preset(name)
+    with torch.device("meta"):
+        model = LatentActionModel(config)
+    assert lam_parameters(config) == count(model)
+
+
+def test_lam_flops_formula_is_within_two_percent_of_what_torch_counts():
+    config = preset("lam_debug")
+    video = torch.randint(0, 256, (2, 4, 32, 32, 3), dtype=torch.uint8)
+    measured = measured_training_flops(LatentActionModel(config), lambda model: model.training_loss(video)[0])
+    grid = 32 // config.patch
+    assert lam_flops_per_token(config, 4, grid * grid) == pytest.approx(
+        measured / (2 * 4 * grid * grid), rel=0.02
+    )
 
 
 def test_ladder_spans_debug_to_seven_billion():

@@ -9,7 +9,7 @@ import torch
 from tests.training_helpers import ROOT, composed, logged, preempted_and_resumed, start_training, train
 from worldmodel.config import ConfigError
 from worldmodel.training.checkpoint import load_tokenizer, net_state_dict, read_checkpoint
-from worldmodel.training.modules import DynamicsModule, TokenizerModule
+from worldmodel.training.modules import DynamicsModule, LatentActionModule, TokenizerModule
 from worldmodel.training.run import build_loggers, build_trainer, to_train_config
 from worldmodel.training.strategy import build_strategy
 
@@ -28,6 +28,8 @@ def build_everything(config, tokenizer_checkpoint):
     loggers = build_loggers(config)
     if config.task.stage == "tokenizer":
         module = TokenizerModule(config)
+    elif config.task.stage == "lam":
+        module = LatentActionModule(config)
     else:
         module = DynamicsModule(config, load_tokenizer(tokenizer_checkpoint), num_actions=18)
     with torch.device("meta"):
@@ -39,9 +41,8 @@ def build_everything(config, tokenizer_checkpoint):
 def test_every_config_composes_and_builds_its_objects(tmp_path, sample_dir, tokenizer_checkpoint):
     base = (f"run_dir={tmp_path}", f"data.root={sample_dir}", "logger=csv")
     dynamics = ("task=dynamics", f"task.tokenizer_checkpoint={tokenizer_checkpoint}")
-    combinations = [
-        ("model=" + name, *(dynamics if name.startswith("dynamics") else ())) for name in options("model")
-    ]
+    stage_options = {"dynamics": dynamics, "lam": ("task=lam",), "tokenizer": ()}
+    combinations = [("model=" + name, *stage_options[name.split("_")[0]]) for name in options("model")]
     combinations += [("trainer=" + name, "data.global_batch_size=32") for name in options("trainer")]
     combinations += [
         ("strategy=" + name, "trainer=gpu", "data.global_batch_size=32") for name in options("strategy")

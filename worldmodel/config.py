@@ -97,7 +97,8 @@ def derive_batch(
     return micro_batch_size, global_batch_size // per_step
 
 
-STAGES = ("tokenizer", "dynamics")
+STAGES = ("tokenizer", "lam", "dynamics")
+ACTION_SOURCES = ("true", "latent")
 STRATEGY_NAMES = ("ddp", "deepspeed", "fsdp")
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
 
@@ -112,9 +113,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         from worldmodel.models.dynamics import CONDITIONINGS
-        from worldmodel.models.presets import DYNAMICS_PRESETS, TOKENIZER_PRESETS
+        from worldmodel.models.presets import all_presets
 
-        known = {**TOKENIZER_PRESETS, **DYNAMICS_PRESETS}
+        known = all_presets()
         _require(self.preset in known, "model.preset", f"unknown {self.preset!r}; one of {sorted(known)}")
         _require(
             self.action_conditioning in (None, *CONDITIONINGS),
@@ -127,8 +128,12 @@ class ModelConfig:
 class TaskConfig:
     """Which stage to train."""
 
-    stage: str = "tokenizer"  # tokenizer | dynamics
+    stage: str = "tokenizer"  # tokenizer | lam (latent actions) | dynamics
     tokenizer_checkpoint: str | None = None  # dynamics: a trained tokenizer (file or DeepSpeed folder)
+    # dynamics: what conditions it: the data's actions (true) or the latent actions a frozen
+    # latent action model (lam_checkpoint, trained with task=lam) reads off each transition
+    action_source: str = "true"
+    lam_checkpoint: str | None = None
     context_frames: int = 2  # dynamics rollout videos: real frames given before generating
     maskgit_steps: int = 4  # dynamics rollout videos: decoding iterations per frame
     # dynamics: masked frames attend to clean earlier frames, as in generation (teacher forcing,
@@ -141,6 +146,16 @@ class TaskConfig:
 
     def __post_init__(self) -> None:
         _require(self.stage in STAGES, "task.stage", f"must be one of {STAGES}, got {self.stage!r}")
+        _require(
+            self.action_source in ACTION_SOURCES,
+            "task.action_source",
+            f"must be one of {ACTION_SOURCES}, got {self.action_source!r}",
+        )
+        _require(
+            self.action_source != "latent" or self.lam_checkpoint is not None,
+            "task.lam_checkpoint",
+            "task.action_source=latent needs a trained latent action model (train task=lam first)",
+        )
         _require(
             0.0 <= self.context_noise < 1.0,
             "task.context_noise",
@@ -156,12 +171,10 @@ class TaskConfig:
             "task.context_noise",
             "noise applies to clean context: set task.clean_context=true or context_noise=0",
         )
-        if self.stage == "dynamics" and self.tokenizer_checkpoint is not None:
-            _require(
-                Path(self.tokenizer_checkpoint).exists(),
-                "task.tokenizer_checkpoint",
-                f"{self.tokenizer_checkpoint} does not exist",
-            )
+        for name in ("tokenizer_checkpoint", "lam_checkpoint"):
+            path = getattr(self, name)
+            if self.stage == "dynamics" and path is not None:
+                _require(Path(path).exists(), f"task.{name}", f"{path} does not exist")
 
 
 @dataclass

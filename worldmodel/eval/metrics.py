@@ -64,3 +64,26 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
             raise ValueError(f"matrix square root has imaginary part {np.abs(root.imag).max():.3g}")
         root = root.real
     return float(difference @ difference + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(root))
+
+
+def action_agreement(latent: torch.Tensor, true: torch.Tensor) -> dict[str, float]:
+    """How much latent action ids say about the true action ids of the same transitions (both
+    (N,)): normalized mutual information (0: nothing, 1: one determines the other; torchmetrics,
+    arithmetic normalization), and the accuracy of the best latent-to-true mapping (each latent
+    action read as the true action it most often comes with) beside the majority action's share,
+    the accuracy of knowing nothing."""
+    import warnings
+
+    from torchmetrics.functional.clustering import normalized_mutual_info_score
+
+    latent, true = latent.flatten().long().cpu(), true.flatten().long().cpu()
+    with warnings.catch_warnings():  # torchmetrics' sparse contingency table warns on every call
+        warnings.filterwarnings("ignore", "Sparse invariant checks")
+        nmi = float(normalized_mutual_info_score(latent, true))
+    table = torch.zeros(int(latent.max()) + 1, int(true.max()) + 1)
+    table.index_put_((latent, true), torch.ones(len(latent)), accumulate=True)  # (latent, true) counts
+    return {
+        "nmi": nmi,
+        "mapping_accuracy": float(table.max(dim=1).values.sum() / len(latent)),
+        "majority_accuracy": float(table.sum(dim=0).max() / len(latent)),
+    }

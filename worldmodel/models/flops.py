@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 from worldmodel.models.dynamics import DynamicsConfig
+from worldmodel.models.lam import LatentActionConfig
 from worldmodel.models.tokenizer import TokenizerConfig
 
 
@@ -99,6 +100,32 @@ def tokenizer_flops_per_token(config: TokenizerConfig, frames: int, tokens_per_f
     return (
         3 * forward + 6 * blocks + 2 * st_attention_flops(config.dim, config.depth, frames, tokens_per_frame)
     )
+
+
+def lam_parameters(config: LatentActionConfig) -> int:
+    dim, latent, patch_pixels = config.dim, config.latent_dim, 3 * config.patch**2
+    stem = _conv(6, dim, 2 * config.patch)  # overlapping patches of two stacked frames
+    codes = dim * latent + (latent * dim + dim)  # to and from a latent action
+    decoder_io = (patch_pixels * dim + dim) + (dim * patch_pixels + patch_pixels)
+    modulation = config.depth * (6 * dim * dim + 6 * dim)
+    transformers = 2 * st_transformer_parameters(dim, config.depth, config.mlp_ratio)
+    return stem + codes + decoder_io + modulation + transformers
+
+
+def lam_flops_per_token(config: LatentActionConfig, frames: int, tokens_per_frame: int) -> float:
+    """Training FLOPs per token (a patch of a frame) of the latent action model. Each of the T - 1
+    transitions runs the encoder on h*w patches of the two frames stacked, and the decoder on the
+    h*w patches of frame t with one modulation."""
+    dim, depth, patch_pixels = config.dim, config.depth, 3 * config.patch**2
+    transitions = (frames - 1) * tokens_per_frame  # tokens of the transitions, in each network
+    blocks = 6 * st_matmul_parameters(dim, depth, config.mlp_ratio) + st_attention_flops(
+        dim, depth, 1, tokens_per_frame
+    )
+    stem = 4 * 6 * (2 * config.patch) ** 2 * dim  # forward and weight gradient (pixels need none)
+    decoder_io = (4 + 6) * patch_pixels * dim  # into the decoder (pixels need no gradient) and out
+    per_transition = 6 * (depth * 6 * dim * dim + 2 * config.latent_dim * dim)  # modulation, codes
+    total = transitions * (2 * blocks + stem + decoder_io) + (frames - 1) * per_transition
+    return total / (frames * tokens_per_frame)
 
 
 def mfu(flops_per_token: float, tokens_per_second: float, peak_flops: float) -> float:

@@ -1,4 +1,4 @@
-"""Named sizes: `tokenizer_*` and `dynamics_*`, from a test-sized `debug` to 7B parameters.
+"""Named sizes: `tokenizer_*`, `lam_*` and `dynamics_*`, from a test-sized `debug` to 7B parameters.
 
 Dynamics widths and depths follow the GPT-style ladder (head width 64-128, depth growing with
 width); each ST block holds two attentions and an MLP, about 16 * dim^2 parameters. The counts
@@ -8,6 +8,7 @@ in the comments come from worldmodel.models.flops (checked against the modules i
 from __future__ import annotations
 
 from worldmodel.models.dynamics import DynamicsConfig
+from worldmodel.models.lam import LatentActionConfig
 from worldmodel.models.tokenizer import TokenizerConfig
 
 TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
@@ -26,6 +27,16 @@ TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
     ),
 }
 
+# Latent action models: 8 latent actions by default (Genie used 8; the CoinRun reproductions 6),
+# patches of 8 pixels at 64x64 and of 16 from the m size up (the reproductions' choice).
+LAM_PRESETS: dict[str, LatentActionConfig] = {
+    "lam_debug": LatentActionConfig(patch=8, dim=32, depth=1, heads=2, latent_dim=16),
+    "lam_xs": LatentActionConfig(patch=8, dim=64, depth=2, heads=4),
+    "lam_s": LatentActionConfig(patch=8, dim=256, depth=4, heads=4),
+    "lam_m": LatentActionConfig(patch=16, dim=512, depth=8, heads=8),
+    "lam_l": LatentActionConfig(patch=16, dim=768, depth=12, heads=12),
+}
+
 # Parameter counts at the s/m/l tokenizers' 64,000-code vocabulary (embedding and head included:
 # they dominate the small models).
 DYNAMICS_PRESETS: dict[str, DynamicsConfig] = {
@@ -41,11 +52,16 @@ DYNAMICS_PRESETS: dict[str, DynamicsConfig] = {
 }
 
 
-def preset(name: str) -> TokenizerConfig | DynamicsConfig:
+def all_presets() -> dict:
+    """Every preset by name (read at call time: tests swap the tables)."""
+    return {**TOKENIZER_PRESETS, **LAM_PRESETS, **DYNAMICS_PRESETS}
+
+
+def preset(name: str) -> TokenizerConfig | LatentActionConfig | DynamicsConfig:
     """A copy of the named preset's config."""
     from dataclasses import replace
 
-    table = {**TOKENIZER_PRESETS, **DYNAMICS_PRESETS}
+    table = all_presets()
     if name not in table:
         raise KeyError(f"unknown model preset {name!r}; choose one of {sorted(table)}")
     return replace(table[name])

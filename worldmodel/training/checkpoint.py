@@ -4,7 +4,8 @@ A checkpoint is a file (DDP, single device), a DeepSpeed folder (`checkpoint/` w
 states and one optimizer shard per rank) or an FSDP folder (torch.distributed.checkpoint's
 `.metadata` and one `.distcp` file per rank, beside Lightning's `meta.pt` with everything but
 the weights and optimizer states). All hold the resolved config under `hyper_parameters.config`,
-and a dynamics checkpoint holds its tokenizer under `tokenizer`. `read_checkpoint` consolidates
+and a dynamics checkpoint holds its tokenizer under `tokenizer` (and the latent action model
+that labelled its transitions under `lam`). `read_checkpoint` consolidates
 the sharded kinds on one CPU process, and `export` writes any kind as one plain file.
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from worldmodel.models.lam import LatentActionConfig, LatentActionModel
 from worldmodel.models.tokenizer import Tokenizer, TokenizerConfig
 
 CHECKPOINT_DIR = "checkpoints"
@@ -173,6 +175,14 @@ def tokenizer_from(checkpoint: dict, config: dict, weights: str = "ema") -> Toke
     return tokenizer.eval()
 
 
+def load_lam(path: str | os.PathLike, weights: str = "ema") -> LatentActionModel:
+    """A trained latent action model from a lam checkpoint (file, DeepSpeed or FSDP folder, export)."""
+    checkpoint, config = read_stage_checkpoint(path, "lam")
+    lam = LatentActionModel(recorded_net_config(checkpoint, config, LatentActionConfig))
+    lam.load_state_dict(net_state_dict(checkpoint, weights))
+    return lam.eval()
+
+
 def recorded_net_config(checkpoint: dict, config: dict, kind: type):
     """The architecture a checkpoint was trained with (`net_config`), never today's preset table;
     checkpoints written before they carried it fall back to the preset they name."""
@@ -192,7 +202,7 @@ def export(path: str | os.PathLike, out: str | os.PathLike) -> Path:
         "state_dict": checkpoint["state_dict"],
         "global_step": checkpoint.get("global_step"),
     }
-    for extra in ("ema", "tokenizer", "data", "net_config"):
+    for extra in ("ema", "tokenizer", "lam", "data", "net_config"):
         if extra in checkpoint:
             exported[extra] = checkpoint[extra]
     out = Path(out)

@@ -21,13 +21,17 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from worldmodel.config import TrainConfig
+from worldmodel.data import NULL_ACTION
 from worldmodel.models.dynamics import Dynamics, DynamicsConfig
 from worldmodel.models.flops import (
     dynamics_flops_per_token,
     dynamics_parameters,
+    lam_flops_per_token,
+    lam_parameters,
     tokenizer_flops_per_token,
     tokenizer_parameters,
 )
+from worldmodel.models.lam import LatentActionConfig, LatentActionModel
 from worldmodel.models.layers import STBlock
 from worldmodel.models.presets import preset
 from worldmodel.models.tokenizer import Tokenizer, TokenizerConfig
@@ -264,41 +268,89 @@ class TokenizerModule(WorldModelModule):
         return torch.cat([video, reconstruction], dim=3)[0]  # truth | reconstruction, side by side
 
 
+class LatentActionModule(WorldModelModule):
+    """Latent actions: predict each next frame from the frame before and one of a few codes."""
+
+    def __init__(self, config: TrainConfig, recorded: dict | None = None):
+        """`recorded`: the architecture a resumed checkpoint holds (wins over today's preset)."""
+        lam_config = LatentActionConfig(**recorded) if recorded else preset(config.model.preset)
+        lam_config.checkpointing = config.model.checkpointing
+        super().__init__(config, lam_config)
+
+    def build_net(self) -> LatentActionModel:
+        return LatentActionModel(self.net_config)
+
+    def compute_loss(self, batch, generator):
+        return self.net.training_loss(batch["video"], generator)
+
+    def token_grid(self, video: torch.Tensor) -> tuple[int, int]:
+        frames, height, width = video.shape[1:4]
+        return frames, (height // self.net_config.patch) * (width // self.net_config.patch)
+
+    def flops_per_token(self, video):
+        return lam_flops_per_token(self.net_config, *self.token_grid(video))
+
+    def parameter_count(self) -> int:
+        return lam_parameters(self.net_config)
+
+    @torch.no_grad()
+    def preview(self, batch):
+        """Truth | each frame after the first as the decoder draws it from the true frame before
+        and the latent action read off the pair."""
+        video = batch["video"][:1]
+        ids = self.net.infer(video)[0]  # (T - 1,)
+        predicted = self.net.apply(video[0, :-1], ids)  # (T - 1, H, W, 3)
+        return torch.cat([video[0], torch.cat([video[0, :1], predicted])], dim=2)
+
+
 class DynamicsModule(WorldModelModule):
-    """Stage 2: predict masked next-frame tokens of a frozen tokenizer, given actions."""
+    """Stage 2: predict masked next-frame tokens of a frozen tokenizer, given actions: the data's,
+    or the latent actions a frozen latent action model reads off each transition."""
 
     def __init__(
-        self, config: TrainConfig, tokenizer: Tokenizer, num_actions: int, recorded: dict | None = None
+        self,
+        config: TrainConfig,
+        tokenizer: Tokenizer,
+        num_actions: int,
+        recorded: dict | None = None,
+        lam: LatentActionModel | None = None,
     ):
-        """`recorded`: the architecture a resumed checkpoint holds (wins over today's preset)."""
+        """`recorded`: the architecture a resumed checkpoint holds (wins over today's preset).
+        `lam`: label the transitions with its latent actions instead of the data's actions."""
         if recorded:
             dynamics_config = DynamicsConfig(**recorded)
         else:
             dynamics_config = preset(config.model.preset)
             dynamics_config.vocab_size = tokenizer.vocab_size
-            dynamics_config.num_actions = num_actions
+            dynamics_config.num_actions = lam.num_latents if lam is not None else num_actions
             if config.model.action_conditioning is not None:
                 dynamics_config.action_conditioning = config.model.action_conditioning
         dynamics_config.checkpointing = config.model.checkpointing
         super().__init__(config, dynamics_config)
         # Frozen and kept out of the module tree: not trained, not sharded, not in the state dict
-        # (it travels in the checkpoint's "tokenizer" entry instead).
+        # (they travel in the checkpoint's "tokenizer" and "lam" entries instead).
         self.__dict__["tokenizer"] = tokenizer.eval().requires_grad_(False)
+        self.__dict__["lam"] = lam.eval().requires_grad_(False) if lam is not None else None
 
     def build_net(self) -> Dynamics:
         return Dynamics(self.net_config)
 
+    def frozen(self) -> list[nn.Module]:
+        return [self.tokenizer] + ([self.lam] if self.lam is not None else [])
+
     def on_fit_start(self) -> None:
-        self.tokenizer.to(self.device)
+        for network in self.frozen():
+            network.to(self.device)
 
     def on_validation_start(self) -> None:
-        self.tokenizer.to(self.device)
+        for network in self.frozen():
+            network.to(self.device)
 
     def compute_loss(self, batch, generator):
         task = self.config.task
         return self.net.training_loss(
             self.tokens(batch),
-            batch["actions"],
+            self.actions(batch),
             generator,
             task.clean_context,
             task.context_noise,
@@ -313,6 +365,15 @@ class DynamicsModule(WorldModelModule):
         # grid, and bf16 would move codes across it, giving tokens that eval never sees.
         with torch.autocast(self.device.type, enabled=False):
             return self.tokenizer.encode(batch["video"])
+
+    def actions(self, batch: dict) -> torch.Tensor:
+        """The actions (B, T) that condition the model: the batch's, or the latent actions of its
+        T - 1 transitions followed by the null action (the last frame leads nowhere in the clip)."""
+        if self.lam is None:
+            return batch["actions"]
+        with torch.autocast(self.device.type, enabled=False):  # fp32, as eval reads them
+            latent = self.lam.infer(batch["video"])  # (B, T - 1)
+        return torch.cat([latent, torch.full_like(latent[:, :1], NULL_ACTION)], dim=1)
 
     @property
     def tokenizer_config(self):
@@ -329,13 +390,13 @@ class DynamicsModule(WorldModelModule):
 
     @torch.no_grad()
     def preview(self, batch):
-        actions = batch["actions"][:1]
         if "tokens" in batch:  # from token shards, the truth shown is the tokenizer's reconstruction
             tokens = batch["tokens"][:1]
             video = self.tokenizer.decode(tokens)
         else:
             video = batch["video"][:1]
             tokens = self.tokens({"video": video})
+        actions = self.actions({**batch, "video": video, "actions": batch["actions"][:1]})
         context = self.config.task.context_frames
         generator = torch.Generator(device=self.device).manual_seed(0)
         rollout = self.net.generate(
@@ -350,7 +411,9 @@ class DynamicsModule(WorldModelModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["tokenizer"] = {
-            "config": asdict(self.tokenizer.config),
-            "state_dict": {name: value.cpu() for name, value in self.tokenizer.state_dict().items()},
-        }
+        for name, network in (("tokenizer", self.tokenizer), ("lam", self.lam)):
+            if network is not None:
+                checkpoint[name] = {
+                    "config": asdict(network.config),
+                    "state_dict": {key: value.cpu() for key, value in network.state_dict().items()},
+                }

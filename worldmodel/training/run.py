@@ -35,8 +35,19 @@ from worldmodel.training.callbacks import (
     PreviewVideos,
     Throughput,
 )
-from worldmodel.training.checkpoint import CHECKPOINT_DIR, checkpoint_header, load_tokenizer, resolve_resume
-from worldmodel.training.modules import DynamicsModule, TokenizerModule, WorldModelModule
+from worldmodel.training.checkpoint import (
+    CHECKPOINT_DIR,
+    checkpoint_header,
+    load_lam,
+    load_tokenizer,
+    resolve_resume,
+)
+from worldmodel.training.modules import (
+    DynamicsModule,
+    LatentActionModule,
+    TokenizerModule,
+    WorldModelModule,
+)
 from worldmodel.training.strategy import build_strategy
 
 
@@ -58,11 +69,23 @@ def build_module(config: TrainConfig, data: VideoDataModule, resume: str | None)
     recorded = checkpoint_header(resume).get("net_config") if resume else None
     if config.task.stage == "tokenizer":
         return TokenizerModule(config, recorded)
+    if config.task.stage == "lam":
+        if data.tokens:
+            raise ConfigError("data.root: the latent action model reads frames; give it a video folder")
+        return LatentActionModule(config, recorded)
     if data.tokens:  # the tokens name their tokenizer; a given checkpoint must be that one
         tokenizer = tokenizer_for_tokens(data.index, config.data.root, config.task.tokenizer_checkpoint)
     else:
         tokenizer = load_tokenizer(config.task.tokenizer_checkpoint)
-    return DynamicsModule(config, tokenizer, num_actions=data.num_actions or 0, recorded=recorded)
+    lam = None
+    if config.task.action_source == "latent":
+        if data.tokens:
+            raise ConfigError(
+                "task.action_source: latent actions are read off the frames; train on the video "
+                f"folder {data.index['source']['video']} instead of the tokens in {config.data.root}"
+            )
+        lam = load_lam(config.task.lam_checkpoint)
+    return DynamicsModule(config, tokenizer, num_actions=data.num_actions or 0, recorded=recorded, lam=lam)
 
 
 def build_loggers(config: TrainConfig) -> list:
