@@ -3,13 +3,18 @@ its actions, its latent actions must name the sprite's directions; the controls 
 test measures the bottleneck (a decoder that can see the next frame, or does not look at the
 latent action, leaves the latent actions meaningless)."""
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.conftest import moving_frames
 from tests.test_action_conditioning import as_frames, sprite_world
 from tests.training_helpers import logged, preempted_and_resumed
+from worldmodel.data.video import encode_mp4
 from worldmodel.eval.metrics import action_agreement
 from worldmodel.models.lam import LatentActionConfig, LatentActionModel, LatentCodebook
 from worldmodel.training.checkpoint import load_lam, read_checkpoint
@@ -144,3 +149,58 @@ def test_a_dynamics_run_on_latent_actions_resumes_exactly(
     assert final["net_config"]["num_actions"] == lam.num_latents  # not the game's 18 actions
     for name, value in lam.state_dict().items():  # the labeller travels with the model
         assert torch.equal(final["lam"]["state_dict"][name], value), name
+
+
+@pytest.fixture(scope="module")
+def latent_world_model(tmp_path_factory, atari_dir, tokenizer_checkpoint, lam_checkpoint) -> Path:
+    """A (barely) trained dynamics model on the latent actions of game play."""
+    from tests.training_helpers import composed
+    from worldmodel.training.run import run, to_train_config
+
+    run_dir = tmp_path_factory.mktemp("latent_dynamics")
+    overrides = ("task=dynamics", "model=dynamics_debug", f"task.tokenizer_checkpoint={tokenizer_checkpoint}")
+    overrides += ("task.action_source=latent", f"task.lam_checkpoint={lam_checkpoint}", "logger=csv")
+    overrides += (f"run_dir={run_dir}", f"data.root={atari_dir}", "data.frames=4", "data.num_workers=0")
+    overrides += (
+        "trainer.max_steps=2",
+        "trainer.checkpoint_every_n_steps=2",
+        "trainer.video_every_n_steps=0",
+    )
+    run(to_train_config(composed(*overrides)))
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+def worldmodel(*arguments: str) -> subprocess.CompletedProcess:
+    command = [str(Path(sys.executable).with_name("worldmodel")), *arguments]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def test_eval_of_a_latent_action_model_scores_its_controllability_and_its_actions(
+    latent_world_model, atari_dir, tmp_path
+):
+    out = tmp_path / "eval"
+    settings = ("--context", "2", "--horizon", "2", "--clips", "4", "--steps", "1", "--out", str(out))
+    result = worldmodel("eval", str(latent_world_model), "--data", str(atari_dir), *settings)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "last.ckpt" / "metrics.json").read_text())
+    assert "delta_t_psnr" in report["mean"]  # the LAM's reading against random latent actions
+    agreement = report["latent_actions"]
+    assert 0 <= agreement["nmi"] <= 1 and agreement["transitions"] == 4 * 3
+    assert list(agreement["by_source"]) == ["atari/Breakout"]
+    assert "NMI" in result.stdout and (out / "last.ckpt" / "latent_actions.png").exists()
+
+
+def test_generate_drives_a_latent_action_model_with_latent_actions_only(
+    latent_world_model, atari_dir, tmp_path
+):
+    clip = tmp_path / "context.mp4"
+    clip.write_bytes(encode_mp4(moving_frames(4, 32), fps=10))
+    out = tmp_path / "driven.mp4"
+    common = (str(latent_world_model), "--context", str(clip), "--context-frames", "2", "--steps", "1")
+    driven = worldmodel("generate", *common, "--latent-actions", "3,1", "--frames", "3", "--out", str(out))
+    assert driven.returncode == 0, driven.stderr[-3000:]
+    assert "2 real frames + 3 generated" in driven.stdout and out.stat().st_size > 0
+    refused = worldmodel("generate", *common, "--actions", "3,1", "--out", str(tmp_path / "x.mp4"))
+    assert refused.returncode != 0 and "drive it with --latent-actions" in refused.stderr
+    out_of_range = worldmodel("generate", *common, "--latent-actions", "8", "--out", str(tmp_path / "y.mp4"))
+    assert out_of_range.returncode != 0 and "--latent-actions must be ids in [0, 8)" in out_of_range.stderr

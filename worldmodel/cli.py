@@ -145,7 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--context", required=True, help="a video file whose first frames start the rollout"
     )
     generate.add_argument("--context-frames", type=int, default=4, help="how many of its frames to give")
-    generate.add_argument("--actions", required=True, help="comma-separated action ids, one per new frame")
+    driving = generate.add_mutually_exclusive_group(required=True)
+    driving.add_argument("--actions", help="comma-separated action ids, one per new frame")
+    driving.add_argument(
+        "--latent-actions",
+        help="comma-separated latent action ids (a model trained with task.action_source=latent), one per new frame",
+    )
     generate.add_argument("--frames", type=int, default=None, help="new frames (default: one per action)")
     generate.add_argument("--steps", type=int, default=8, help="MaskGIT iterations per frame")
     generate.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
@@ -310,10 +315,16 @@ def _generate(args: argparse.Namespace) -> None:
     from worldmodel.data.video import encode_mp4
     from worldmodel.eval.rollout import RolloutSettings, generate_from_video, load_world_model
 
-    actions = [int(action) for action in args.actions.split(",") if action.strip()]
+    model = load_world_model(args.checkpoint, args.weights).to(default_device(args.device))
+    latent = model.lam is not None
+    if latent != (args.latent_actions is not None):
+        flag, other = ("--latent-actions", "--actions") if latent else ("--actions", "--latent-actions")
+        kind = "latent actions (task.action_source=latent)" if latent else "the data's actions"
+        raise SystemExit(f"{args.checkpoint} was trained on {kind}: drive it with {flag}, not {other}")
+    given = args.latent_actions if latent else args.actions
+    actions = [int(action) for action in given.split(",") if action.strip()]
     frames = args.frames or len(actions)
     actions = (actions * frames)[:frames]  # repeat the given sequence to the requested length
-    model = load_world_model(args.checkpoint, args.weights).to(default_device(args.device))
     settings = RolloutSettings(
         maskgit_steps=args.steps,
         temperature=args.temperature,

@@ -4,7 +4,10 @@ Per checkpoint, in `out/<checkpoint name>/`: `metrics.json` (every metric per ho
 averaged, at horizons 1/4/8, and what was skipped and why), `metrics.png` (each metric against
 the horizon, model vs copy-last-frame), `rollouts.mp4` (truth | prediction for a few clips) and
 `rollouts.png` (the same clips as still rows: truth above prediction, horizon steps left to right).
-With several checkpoints, `out/comparison.md` puts them side by side. A tokenizer checkpoint is
+A model of latent actions also gets `latent_actions.png` / `.mp4` (the same context rolled out
+holding each latent action) and, where the data has actions, how much the latent actions say
+about them (`latent_actions` in metrics.json). With several checkpoints, `out/comparison.md`
+puts them side by side. A tokenizer checkpoint is
 scored for reconstruction: PSNR and SSIM per frame, `reconstructions.mp4` / `.png`.
 """
 
@@ -42,7 +45,10 @@ def trained_stride(trained_on: dict, index: dict) -> int:
     return int(trained_on.get("stride") or 1)
 
 
-def check_compatible(trained_on: dict, num_actions: int, index: dict, settings: RolloutSettings, data: Path):
+def check_compatible(
+    trained_on: dict, num_actions: int | None, index: dict, settings: RolloutSettings, data: Path
+):
+    """`num_actions` None: the model's actions are latent (read off the frames), any data goes."""
     needed = settings.context + settings.horizon
     stride = trained_stride(trained_on, index)
     span = (needed - 1) * stride + 1
@@ -63,7 +69,7 @@ def check_compatible(trained_on: dict, num_actions: int, index: dict, settings: 
             f"{trained_on['height']}x{trained_on['width']}"
         )
     data_actions = index["num_actions"] or 0
-    if data_actions > num_actions:
+    if num_actions is not None and data_actions > num_actions:
         raise EvalError(
             f"{data} has {data_actions} actions; the model knows {num_actions}: another action space"
         )
@@ -112,7 +118,9 @@ def evaluate_checkpoint(
         return evaluate_tokenizer(tokenizer, path, data, index, settings, clips, out, stride)
     model = world_model_from(checkpoint, config, path, weights).to(device)
     del checkpoint
-    check_compatible(model.trained_on, model.num_actions, index, settings, data)
+    latent = model.lam is not None
+    check_compatible(model.trained_on, None if latent else model.num_actions, index, settings, data)
+    read_actions: list[tuple[torch.Tensor, torch.Tensor]] = []  # latent model: (latent, true) per clip
     per_clip: dict[str, list[torch.Tensor]] = {}
     sources: list[str] = []
     shown: dict[str, list[torch.Tensor]] = {}  # every clip's frames; a few go into videos and stills
@@ -122,6 +130,13 @@ def evaluate_checkpoint(
         data, index, settings.context + settings.horizon, clips, batch_size, stride
     ):
         scores, frames = score_batch(model, batch, settings, lpips)
+        if latent and not shown:
+            grid = latent_action_grid(model, batch, settings)
+        if latent and index["num_actions"]:  # how the latent actions relate to the true ones
+            span = batch["video"][:, : settings.context + settings.horizon]
+            read_actions += zip(
+                model.lam.infer(span.to(device)).cpu(), batch["actions"][:, : span.shape[1] - 1]
+            )
         for name, values in scores.items():
             per_clip.setdefault(name, []).append(values)
         sources += batch["source"]
@@ -142,6 +157,8 @@ def evaluate_checkpoint(
         )
         for source in sorted(set(sources))
     }
+    if read_actions:
+        report["latent_actions"] = agreement_by_source(read_actions, sources)
     report["checkpoint"] = str(path)
     report["folder"] = str(out)
     report["fvd"] = video_distance(i3d, torch.cat(real_clips), torch.cat(generated_clips))
@@ -155,7 +172,45 @@ def evaluate_checkpoint(
         save_clips(
             [shown["truth"], shown["model"], shown["random_actions"]], out, "controllability", index["fps"]
         )
+    if latent:
+        save_clips(grid, out, "latent_actions", index["fps"])
     return report
+
+
+GRID_CLIPS = 2
+
+
+def latent_action_grid(model, batch: dict, settings: RolloutSettings) -> list[list[torch.Tensor]]:
+    """What each latent action does: for the first GRID_CLIPS clips of a batch, the truth and the
+    same context rolled out holding each latent action k at every step. Rows as `save_clips`
+    takes them: [truth clips, clips under latent action 0, under 1, ...], each (horizon, H, W, 3)."""
+    from worldmodel.eval.rollout import rollout
+
+    video = batch["video"][:GRID_CLIPS, : settings.context + settings.horizon].to(model.device)
+    tokens = model.tokenizer.encode(video[:, : settings.context])  # (clips, context, h, w)
+    rows = [list(video[:, settings.context :].cpu())]
+    steps = settings.context + settings.horizon
+    for action in range(model.num_actions):
+        held = torch.full((len(video), steps), action, device=model.device)  # (clips, steps)
+        generator = torch.Generator(model.device).manual_seed(settings.seed)
+        rows.append(list(rollout(model, tokens, held, settings, generator).cpu()))
+    return rows
+
+
+def agreement_by_source(read_actions: list[tuple[torch.Tensor, torch.Tensor]], sources: list[str]) -> dict:
+    """Normalized mutual information and best-mapping accuracy of latent against true actions,
+    over all clips and per source (game): each entry of `read_actions` is one clip's (latent,
+    true) actions of its transitions."""
+    from worldmodel.eval.metrics import action_agreement
+
+    def over(chosen: list[int]) -> dict:
+        latent = torch.cat([read_actions[i][0] for i in chosen])
+        true = torch.cat([read_actions[i][1] for i in chosen])
+        return {**action_agreement(latent, true), "transitions": len(latent)}
+
+    clips = range(len(read_actions))
+    by_source = {source: over([i for i in clips if sources[i] == source]) for source in sorted(set(sources))}
+    return {**over(list(clips)), "by_source": by_source}
 
 
 def save_clips(rows: list[list[torch.Tensor]], out: Path, stem: str, fps: float, scale: int = 2) -> None:
@@ -310,6 +365,7 @@ def table(report: dict) -> str:
         if len(report.get("by_source", {})) > 1
         else {"all": report}
     )
+    agreement = report.get("latent_actions")
     for source, summary in groups.items():
         for horizon, values in summary["at_horizon"].items():
             delta = values.get("delta_t_psnr")
@@ -318,6 +374,18 @@ def table(report: dict) -> str:
                 f"{values['copy_last_psnr']:>8.2f}{values['model_psnr'] - values['copy_last_psnr']:>+7.2f}"
                 f"{values['tokenizer_psnr']:>8.2f}{'-' if delta is None else f'{delta:+.2f}':>8}"
                 f"{values['model_ssim']:>8.4f}{values['copy_last_ssim']:>8.4f}"
+            )
+    if agreement:
+        lines.append(
+            "Latent actions against the true ones (NMI: 0 = unrelated, 1 = one determines the other;"
+        )
+        lines.append(
+            "accuracy of the best latent-to-true mapping, and of always guessing the commonest action):"
+        )
+        for source, values in {**agreement["by_source"], "all": agreement}.items():
+            lines.append(
+                f"{source[-18:]:<18} NMI {values['nmi']:.3f}  mapping {values['mapping_accuracy']:.3f}  "
+                f"majority {values['majority_accuracy']:.3f}  ({values['transitions']} transitions)"
             )
     return "\n".join(lines) + "\n"
 

@@ -4,7 +4,8 @@ For each clip: the first `context` frames are tokenized and given; `horizon` fra
 generated under the clip's true actions and decoded. Scored per horizon step against the real
 frames: the model, the copy-last-frame baseline (the prediction to beat), the tokenizer's own
 reconstruction (the ceiling), and, where the data has actions, the model under random actions
-(ΔtPSNR = PSNR with true actions - PSNR with random ones, as in the Genie paper).
+(ΔtPSNR = PSNR with true actions - PSNR with random ones, as in the Genie paper). A model of
+latent actions is conditioned on the latent actions its LAM reads off the true clip.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from worldmodel.data import NULL_ACTION
 from worldmodel.eval.metrics import psnr, ssim
 from worldmodel.models.dynamics import Dynamics, DynamicsConfig
+from worldmodel.models.lam import LatentActionConfig, LatentActionModel
 from worldmodel.models.tokenizer import Tokenizer, TokenizerConfig
 from worldmodel.training.checkpoint import (
     CheckpointError,
@@ -32,15 +34,26 @@ class WorldModel:
     tokenizer: Tokenizer
     config: dict  # the training config the checkpoint was written with
     trained_on: dict  # clip size, frames and action count of the training data
+    lam: LatentActionModel | None = None  # what labelled its transitions, if it learned latent actions
 
     @property
     def num_actions(self) -> int:
         return self.dynamics.config.num_actions
 
     def to(self, device: str | torch.device) -> WorldModel:
-        self.dynamics.to(device)
-        self.tokenizer.to(device)
+        for network in (self.dynamics, self.tokenizer, self.lam):
+            if network is not None:
+                network.to(device)
         return self
+
+    def conditioning(self, video: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """The actions (B, T) a clip's rollout is conditioned on: the data's `actions`, or for a
+        model of latent actions, those its LAM reads off the clip's T - 1 transitions (the last
+        frame leads nowhere: the null action)."""
+        if self.lam is None:
+            return actions
+        latent = self.lam.infer(video)  # (B, T - 1)
+        return torch.cat([latent, torch.full_like(latent[:, :1], NULL_ACTION)], dim=1)
 
     @property
     def device(self) -> torch.device:
@@ -75,7 +88,12 @@ def world_model_from(
     dynamics_config.checkpointing = False
     dynamics = Dynamics(dynamics_config)
     dynamics.load_state_dict(state)
-    return WorldModel(dynamics.eval(), tokenizer.eval(), config, checkpoint.get("data") or {})
+    lam = None
+    if "lam" in checkpoint:
+        lam = LatentActionModel(LatentActionConfig(**checkpoint["lam"]["config"]))
+        lam.load_state_dict(checkpoint["lam"]["state_dict"])
+        lam.eval()
+    return WorldModel(dynamics.eval(), tokenizer.eval(), config, checkpoint.get("data") or {}, lam)
 
 
 @dataclass(frozen=True)
@@ -117,7 +135,8 @@ def score_batch(model: WorldModel, batch: dict, settings: RolloutSettings, lpips
     distances, or None."""
     span = settings.context + settings.horizon
     device = model.device
-    video, actions = batch["video"][:, :span].to(device), batch["actions"][:, :span].to(device)
+    video = batch["video"][:, :span].to(device)
+    actions = model.conditioning(video, batch["actions"][:, :span].to(device))  # (B, span)
     truth = video[:, settings.context :]  # (B, horizon, H, W, 3)
     generator = torch.Generator(device).manual_seed(settings.seed)
     # Tokenized once: the tokenizer is causal, so the context's tokens are the clip's first ones.
@@ -143,9 +162,10 @@ def score_batch(model: WorldModel, batch: dict, settings: RolloutSettings, lpips
         }
         scores["model_lpips"] = lpips(sized["model"], sized["truth"])
         scores["copy_last_lpips"] = lpips(sized["copy"], sized["truth"])
-    if model.num_actions > 0 and bool((actions != NULL_ACTION).all()):
+    if model.num_actions > 0 and bool((actions[:, : span - 1] != NULL_ACTION).all()):
         # Uniform over the whole action set at every step (Genie's ΔtPSNR): what the model does
-        # when the actions carry no information about the true frames.
+        # when the actions carry no information about the true frames. For latent actions: the
+        # LAM's reading of the clip against uniformly drawn latent actions.
         random_actions = torch.randint(
             0, model.num_actions, actions.shape, generator=generator, device=device
         )
@@ -176,7 +196,8 @@ def generate_from_video(
     if len(frames) < context:
         raise ValueError(f"{path}: {len(frames)} frames, --context asks for {context}")
     if any(not 0 <= action < model.num_actions for action in actions):
-        raise ValueError(f"--actions must be ids in [0, {model.num_actions}), got {actions}")
+        flag = "--latent-actions" if model.lam is not None else "--actions"
+        raise ValueError(f"{flag} must be ids in [0, {model.num_actions}), got {actions}")
     device = model.device
     video = torch.stack(frames)[None].to(device)  # (1, context, H, W, 3)
     # Actions of the context frames before the last are unknown: the null action.
