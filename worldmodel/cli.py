@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     driving.add_argument("--actions", help="comma-separated action ids, one per new frame")
     driving.add_argument(
         "--latent-actions",
-        help="comma-separated latent action ids (a model trained with task.action_source=latent), one per new frame",
+        help="comma-separated latent action ids, one per new frame (a model of task.action_source=latent)",
     )
     generate.add_argument("--frames", type=int, default=None, help="new frames (default: one per action)")
     generate.add_argument("--steps", type=int, default=8, help="MaskGIT iterations per frame")

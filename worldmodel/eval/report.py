@@ -134,9 +134,8 @@ def evaluate_checkpoint(
             grid = latent_action_grid(model, batch, settings)
         if latent and index["num_actions"]:  # how the latent actions relate to the true ones
             span = batch["video"][:, : settings.context + settings.horizon]
-            read_actions += zip(
-                model.lam.infer(span.to(device)).cpu(), batch["actions"][:, : span.shape[1] - 1]
-            )
+            latent_ids = model.lam.infer(span.to(device)).cpu()  # (B, span - 1)
+            read_actions += zip(latent_ids, batch["actions"][:, : span.shape[1] - 1], strict=True)
         for name, values in scores.items():
             per_clip.setdefault(name, []).append(values)
         sources += batch["source"]
