@@ -190,6 +190,19 @@ def test_eval_of_a_latent_action_model_scores_its_controllability_and_its_action
     assert "NMI" in result.stdout and (out / "last.ckpt" / "latent_actions.png").exists()
 
 
+def test_eval_of_a_lam_checkpoint_scores_its_next_frames_and_its_actions(lam_checkpoint, atari_dir, tmp_path):
+    out = tmp_path / "eval"
+    settings = ("--context", "2", "--horizon", "2", "--clips", "4", "--out", str(out))
+    result = worldmodel("eval", str(lam_checkpoint), "--data", str(atari_dir), *settings)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "last.ckpt" / "metrics.json").read_text())
+    assert report["stage"] == "lam" and report["clips"] == 4
+    assert report["next_frame_psnr"] > 0 and report["copy_last_psnr"] > 0
+    assert sum(report["latent_action_use"]) == pytest.approx(1) and 1 <= report["perplexity"] <= 8
+    assert report["latent_actions"]["transitions"] == 4 * 3
+    assert "perplexity of use" in result.stdout and (out / "last.ckpt" / "latent_actions.png").exists()
+
+
 def test_generate_drives_a_latent_action_model_with_latent_actions_only(
     latent_world_model, atari_dir, tmp_path
 ):

@@ -27,7 +27,7 @@ from worldmodel.data.shards import TOKENS_FORMAT, read_index, shard_paths
 from worldmodel.data.video import encode_mp4
 from worldmodel.eval.metrics import psnr, ssim
 from worldmodel.eval.rollout import RolloutSettings, score_batch, world_model_from
-from worldmodel.training.checkpoint import CheckpointError, read_stage_checkpoint, tokenizer_from
+from worldmodel.training.checkpoint import CheckpointError, lam_from, read_stage_checkpoint, tokenizer_from
 
 REPORTED_HORIZONS = (1, 4, 8)
 VIDEO_CLIPS = 4
@@ -116,6 +116,10 @@ def evaluate_checkpoint(
         check_compatible(trained_on, index["num_actions"] or 0, index, settings, data)
         tokenizer = tokenizer_from(checkpoint, config, weights).to(device)
         return evaluate_tokenizer(tokenizer, path, data, index, settings, clips, out, stride)
+    if config["task"]["stage"] == "lam":
+        check_compatible(trained_on, None, index, settings, data)
+        lam = lam_from(checkpoint, config, weights).to(device)
+        return evaluate_lam(lam, path, data, index, settings, clips, out, stride)
     model = world_model_from(checkpoint, config, path, weights).to(device)
     del checkpoint
     latent = model.lam is not None
@@ -283,6 +287,61 @@ def evaluate_tokenizer(
     return report
 
 
+@torch.no_grad()
+def evaluate_lam(
+    lam, path, data: Path, index: dict, settings: RolloutSettings, clips: int, out: Path, stride=1
+):
+    """A latent action model on held-out clips (context + horizon frames): how well its decoder
+    predicts each next frame from the true frame before and the latent action read off the pair
+    (PSNR, against copying the frame before), how evenly the latent actions are used, and, where
+    the data has actions, how much they say about the true ones."""
+    frames = settings.context + settings.horizon
+    next_psnr, copy_psnr, read_actions, sources, shown = [], [], [], [], []
+    device = next(lam.parameters()).device
+    progress = tqdm(total=clips, unit="clip", desc=f"eval {Path(path).name}")
+    for batch in held_out_batches(data, index, frames, clips, batch_size=4, stride=stride):
+        video = batch["video"].to(device)  # (B, frames, H, W, 3)
+        ids = lam.infer(video)  # (B, frames - 1)
+        before, after = video[:, :-1].flatten(0, 1), video[:, 1:].flatten(0, 1)
+        predicted = lam.apply(before, ids.flatten()).view_as(video[:, 1:])  # (B, frames - 1, H, W, 3)
+        next_psnr.append(psnr(predicted.cpu(), video[:, 1:].cpu()))
+        copy_psnr.append(psnr(before.cpu(), after.cpu()).view(len(video), -1))
+        read_actions += zip(ids.cpu(), batch["actions"][:, : frames - 1], strict=True)
+        sources += batch["source"]
+        if not shown:  # each latent action applied to the first clips' frames, one step each
+            shown = [list(video[:GRID_CLIPS, :-1].cpu())]
+            for action in range(lam.num_latents):
+                held = torch.full((GRID_CLIPS * (frames - 1),), action, device=device)
+                applied = lam.apply(video[:GRID_CLIPS, :-1].flatten(0, 1), held).view_as(
+                    video[:GRID_CLIPS, 1:]
+                )
+                shown.append(list(applied.cpu()))
+        progress.update(len(batch["key"]))
+    progress.close()
+    if not sources:
+        raise EvalError(f"{data} has no validation clips")
+    latent = torch.cat([ids for ids, _ in read_actions])
+    probabilities = torch.bincount(latent, minlength=lam.num_latents).float() / len(latent)
+    used = probabilities[probabilities > 0]
+    report = {
+        "stage": "lam",
+        "clips": len(sources),
+        "frames": frames,
+        "next_frame_psnr": float(torch.cat(next_psnr).mean()),
+        "copy_last_psnr": float(torch.cat(copy_psnr).mean()),
+        "latent_action_use": probabilities.tolist(),
+        "perplexity": float((-(used * used.log()).sum()).exp()),
+        "checkpoint": str(path),
+        "folder": str(out),
+    }
+    if index["num_actions"]:
+        report["latent_actions"] = agreement_by_source(read_actions, sources)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    save_clips(shown, out, "latent_actions", index["fps"])
+    return report
+
+
 def video_distance(i3d, real: torch.Tensor, generated: torch.Tensor) -> dict:
     """FVD of context + rollout against the real clips, or why it was skipped."""
     from worldmodel.eval.i3d import MIN_FRAMES, fvd
@@ -346,6 +405,14 @@ def plot(report: dict, path: Path) -> None:
 
 def table(report: dict) -> str:
     """The headline numbers as text: per source (game) and in total, at the reported horizons."""
+    if report.get("stage") == "lam":
+        lines = [
+            f"latent action model on {report['clips']} held-out clips: next frame from the frame before",
+            f"and its latent action {report['next_frame_psnr']:.2f} dB (copying the frame before "
+            f"{report['copy_last_psnr']:.2f} dB), perplexity of use {report['perplexity']:.2f} of "
+            f"{len(report['latent_action_use'])} latent actions",
+        ]
+        return "\n".join(lines + agreement_lines(report.get("latent_actions"))) + "\n"
     if report.get("stage") == "tokenizer":
         groups = {**report.get("by_source", {}), "all": report["mean"]}
         return f"tokenizer reconstruction of {report['clips']} held-out clips:\n" + "".join(
@@ -374,19 +441,23 @@ def table(report: dict) -> str:
                 f"{values['tokenizer_psnr']:>8.2f}{'-' if delta is None else f'{delta:+.2f}':>8}"
                 f"{values['model_ssim']:>8.4f}{values['copy_last_ssim']:>8.4f}"
             )
-    if agreement:
+    return "\n".join(lines + agreement_lines(agreement)) + "\n"
+
+
+def agreement_lines(agreement: dict | None) -> list[str]:
+    """Latent against true actions, per source and in total, as text lines (none without them)."""
+    if not agreement:
+        return []
+    lines = [
+        "Latent actions against the true ones (NMI: 0 = unrelated, 1 = one determines the other;",
+        "accuracy of the best latent-to-true mapping, and of always guessing the commonest action):",
+    ]
+    for source, values in {**agreement["by_source"], "all": agreement}.items():
         lines.append(
-            "Latent actions against the true ones (NMI: 0 = unrelated, 1 = one determines the other;"
+            f"{source[-18:]:<18} NMI {values['nmi']:.3f}  mapping {values['mapping_accuracy']:.3f}  "
+            f"majority {values['majority_accuracy']:.3f}  ({values['transitions']} transitions)"
         )
-        lines.append(
-            "accuracy of the best latent-to-true mapping, and of always guessing the commonest action):"
-        )
-        for source, values in {**agreement["by_source"], "all": agreement}.items():
-            lines.append(
-                f"{source[-18:]:<18} NMI {values['nmi']:.3f}  mapping {values['mapping_accuracy']:.3f}  "
-                f"majority {values['majority_accuracy']:.3f}  ({values['transitions']} transitions)"
-            )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def compare(reports: list[dict], path: Path) -> str:

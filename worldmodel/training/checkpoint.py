@@ -177,7 +177,11 @@ def tokenizer_from(checkpoint: dict, config: dict, weights: str = "ema") -> Toke
 
 def load_lam(path: str | os.PathLike, weights: str = "ema") -> LatentActionModel:
     """A trained latent action model from a lam checkpoint (file, DeepSpeed or FSDP folder, export)."""
-    checkpoint, config = read_stage_checkpoint(path, "lam")
+    return lam_from(*read_stage_checkpoint(path, "lam"), weights)
+
+
+def lam_from(checkpoint: dict, config: dict, weights: str = "ema") -> LatentActionModel:
+    """The latent action model of a read lam checkpoint, in eval mode, built as it was trained."""
     lam = LatentActionModel(recorded_net_config(checkpoint, config, LatentActionConfig))
     lam.load_state_dict(net_state_dict(checkpoint, weights))
     return lam.eval()
