@@ -67,6 +67,8 @@ def test_info_shows_parameters_flops_and_which_strategies_fit():
     assert rows["ddp"][-1] == "no" and rows["zero3"][-1] == "yes"
     tokenizer = run(str(WORLDMODEL), "info", "tokenizer_m", "--size", "256")
     assert "64000 codes" in tokenizer.stdout and "32x32 tokens" in tokenizer.stdout
+    lam = run(str(WORLDMODEL), "info", "lam_m", "--size", "128")
+    assert "8 latent actions" in lam.stdout and "8x8 patches" in lam.stdout
     unknown = run(str(WORLDMODEL), "info", "dynamics_huge")
     assert unknown.returncode != 0 and "dynamics_7b" in unknown.stderr
 

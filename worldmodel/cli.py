@@ -259,12 +259,28 @@ def _inspect(args: argparse.Namespace) -> None:
 def _info(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
-    from worldmodel.models.flops import dynamics_flops_per_token, dynamics_parameters, tokenizer_parameters
+    from worldmodel.models.flops import (
+        dynamics_flops_per_token,
+        dynamics_parameters,
+        lam_flops_per_token,
+        lam_parameters,
+        tokenizer_parameters,
+    )
+    from worldmodel.models.lam import LatentActionConfig
     from worldmodel.models.memory import STRATEGIES, training_memory
     from worldmodel.models.presets import preset
     from worldmodel.models.tokenizer import TokenizerConfig
 
     config = preset(args.model)
+    if isinstance(config, LatentActionConfig):
+        grid = args.size // config.patch
+        flops = lam_flops_per_token(config, args.frames, grid * grid)
+        print(
+            f"{args.model}: {lam_parameters(config) / 1e6:.1f}M parameters, {config.num_latents} latent "
+            f"actions, {args.size}x{args.size} frames -> {grid}x{grid} patches; training "
+            f"{flops / 1e6:.2f} MFLOP per patch of {args.frames}-frame clips"
+        )
+        return
     if isinstance(config, TokenizerConfig):
         grid = args.size // config.downsample
         print(
