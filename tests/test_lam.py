@@ -217,3 +217,29 @@ def test_generate_drives_a_latent_action_model_with_latent_actions_only(
     assert refused.returncode != 0 and "drive it with --latent-actions" in refused.stderr
     out_of_range = worldmodel("generate", *common, "--latent-actions", "8", "--out", str(tmp_path / "y.mp4"))
     assert out_of_range.returncode != 0 and "--latent-actions must be ids in [0, 8)" in out_of_range.stderr
+
+
+def _update_on_rank(rank: int, world: int, store_file: str, results) -> None:
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{store_file}", rank=rank, world_size=world
+    )
+    codebook = LatentCodebook(num_latents=4, dim=3, decay=0.5, dead_code_use=0.5)
+    generator = torch.Generator().manual_seed(rank)  # each rank sees other latents and draws otherwise
+    for _ in range(12):  # the first batch, then moving averages and (unused codes) resets
+        latents = torch.nn.functional.normalize(torch.randn(16, 3, generator=generator) + rank, dim=-1)
+        codebook.update(latents, codebook.nearest(latents), generator)
+    results[rank] = {name: value.clone() for name, value in codebook.state_dict().items()}
+    torch.distributed.destroy_process_group()
+
+
+def test_every_rank_keeps_the_same_codebook(tmp_path):
+    """Ranks see different transitions; the codebook's averages are summed over them and its
+    draws come from rank 0, so no rank's latent actions drift from another's."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_update_on_rank, args=(2, str(tmp_path / "store"), results), nprocs=2)
+        first, second = results[0], results[1]
+    for name, value in first.items():
+        assert torch.equal(value, second[name]), name
