@@ -151,15 +151,13 @@ def test_a_dynamics_run_on_latent_actions_resumes_exactly(
         assert torch.equal(final["lam"]["state_dict"][name], value), name
 
 
-@pytest.fixture(scope="module")
-def latent_world_model(tmp_path_factory, atari_dir, tokenizer_checkpoint, lam_checkpoint) -> Path:
-    """A (barely) trained dynamics model on the latent actions of game play."""
+def train_on_latent_actions(run_dir: Path, atari_dir: Path, tokenizer: Path, lam: Path, source: str) -> Path:
+    """Two steps of a dynamics model on game play, conditioned as `source` says."""
     from tests.training_helpers import composed
     from worldmodel.training.run import run, to_train_config
 
-    run_dir = tmp_path_factory.mktemp("latent_dynamics")
-    overrides = ("task=dynamics", "model=dynamics_debug", f"task.tokenizer_checkpoint={tokenizer_checkpoint}")
-    overrides += ("task.action_source=latent", f"task.lam_checkpoint={lam_checkpoint}", "logger=csv")
+    overrides = ("task=dynamics", "model=dynamics_debug", f"task.tokenizer_checkpoint={tokenizer}")
+    overrides += (f"task.action_source={source}", f"task.lam_checkpoint={lam}", "logger=csv")
     overrides += (f"run_dir={run_dir}", f"data.root={atari_dir}", "data.frames=4", "data.num_workers=0")
     overrides += (
         "trainer.max_steps=2",
@@ -168,6 +166,13 @@ def latent_world_model(tmp_path_factory, atari_dir, tokenizer_checkpoint, lam_ch
     )
     run(to_train_config(composed(*overrides)))
     return run_dir / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def latent_world_model(tmp_path_factory, atari_dir, tokenizer_checkpoint, lam_checkpoint) -> Path:
+    """A (barely) trained dynamics model on the latent actions of game play."""
+    run_dir = tmp_path_factory.mktemp("latent_dynamics")
+    return train_on_latent_actions(run_dir, atari_dir, tokenizer_checkpoint, lam_checkpoint, "latent")
 
 
 def worldmodel(*arguments: str) -> subprocess.CompletedProcess:
@@ -214,7 +219,7 @@ def test_generate_drives_a_latent_action_model_with_latent_actions_only(
     assert driven.returncode == 0, driven.stderr[-3000:]
     assert "2 real frames + 3 generated" in driven.stdout and out.stat().st_size > 0
     refused = worldmodel("generate", *common, "--actions", "3,1", "--out", str(tmp_path / "x.mp4"))
-    assert refused.returncode != 0 and "drive it with --latent-actions" in refused.stderr
+    assert refused.returncode != 0 and "drive it with --latent-actions, got --actions" in refused.stderr
     out_of_range = worldmodel("generate", *common, "--latent-actions", "8", "--out", str(tmp_path / "y.mp4"))
     assert out_of_range.returncode != 0 and "--latent-actions must be ids in [0, 8)" in out_of_range.stderr
 
@@ -243,3 +248,19 @@ def test_every_rank_keeps_the_same_codebook(tmp_path):
         first, second = results[0], results[1]
     for name, value in first.items():
         assert torch.equal(value, second[name]), name
+
+
+def test_a_model_of_both_sources_takes_one_id_per_true_and_latent_pair(
+    tmp_path, atari_dir, tokenizer_checkpoint, lam_checkpoint
+):
+    both = train_on_latent_actions(tmp_path / "both", atari_dir, tokenizer_checkpoint, lam_checkpoint, "both")
+    assert read_checkpoint(both)["net_config"]["num_actions"] == 18 * 8  # Atari's actions x latent ones
+    clip = tmp_path / "context.mp4"
+    clip.write_bytes(encode_mp4(moving_frames(4, 32), fps=10))
+    common = (str(both), "--context", str(clip), "--context-frames", "2", "--steps", "1")
+    driven = worldmodel(
+        "generate", *common, "--actions", "3,1", "--latent-actions", "7,0", "--out", str(tmp_path / "a.mp4")
+    )
+    assert driven.returncode == 0, driven.stderr[-3000:]
+    alone = worldmodel("generate", *common, "--actions", "3,1", "--out", str(tmp_path / "b.mp4"))
+    assert alone.returncode != 0 and "drive it with --actions and --latent-actions" in alone.stderr

@@ -145,9 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--context", required=True, help="a video file whose first frames start the rollout"
     )
     generate.add_argument("--context-frames", type=int, default=4, help="how many of its frames to give")
-    driving = generate.add_mutually_exclusive_group(required=True)
-    driving.add_argument("--actions", help="comma-separated action ids, one per new frame")
-    driving.add_argument(
+    generate.add_argument("--actions", help="comma-separated action ids, one per new frame")
+    generate.add_argument(
         "--latent-actions",
         help="comma-separated latent action ids, one per new frame (a model of task.action_source=latent)",
     )
@@ -332,13 +331,7 @@ def _generate(args: argparse.Namespace) -> None:
     from worldmodel.eval.rollout import RolloutSettings, generate_from_video, load_world_model
 
     model = load_world_model(args.checkpoint, args.weights).to(default_device(args.device))
-    latent = model.lam is not None
-    if latent != (args.latent_actions is not None):
-        flag, other = ("--latent-actions", "--actions") if latent else ("--actions", "--latent-actions")
-        kind = "latent actions (task.action_source=latent)" if latent else "the data's actions"
-        raise SystemExit(f"{args.checkpoint} was trained on {kind}: drive it with {flag}, not {other}")
-    given = args.latent_actions if latent else args.actions
-    actions = [int(action) for action in given.split(",") if action.strip()]
+    actions = generate_actions(model, args.actions, args.latent_actions, args.checkpoint)
     frames = args.frames or len(actions)
     actions = (actions * frames)[:frames]  # repeat the given sequence to the requested length
     settings = RolloutSettings(
@@ -351,6 +344,39 @@ def _generate(args: argparse.Namespace) -> None:
     video = generate_from_video(model, args.context, actions, args.context_frames, settings)
     Path(args.out).write_bytes(encode_mp4(video.numpy(), fps=model.config["data"].get("fps") or 10.0))
     print(f"wrote {args.out}: {args.context_frames} real frames + {frames} generated")
+
+
+def generate_actions(model, actions: str | None, latent_actions: str | None, checkpoint: str) -> list[int]:
+    """The action ids that drive `model`, from what `generate` was given: --actions for a model of
+    the data's actions, --latent-actions for one of latent actions, both (paired, one id per
+    (true, latent) pair) for a model of both."""
+    needs = {
+        "true": ("--actions",),
+        "latent": ("--latent-actions",),
+        "both": ("--actions", "--latent-actions"),
+    }
+    wanted = needs[model.action_source]
+    given = tuple(
+        flag for flag, value in (("--actions", actions), ("--latent-actions", latent_actions)) if value
+    )
+    if given != wanted:
+        raise SystemExit(
+            f"{checkpoint} was trained with task.action_source={model.action_source}: drive it with "
+            f"{' and '.join(wanted)}, got {' and '.join(given) or 'neither'}"
+        )
+
+    def ids(text: str) -> list[int]:
+        return [int(value) for value in text.split(",") if value.strip()]
+
+    if model.action_source != "both":
+        return ids(actions or latent_actions)
+    true, latent = ids(actions), ids(latent_actions)
+    if len(true) != len(latent) or any(not 0 <= value < model.lam.num_latents for value in latent):
+        raise SystemExit(
+            f"--actions and --latent-actions must pair up: as many of each, latent ids in "
+            f"[0, {model.lam.num_latents}); got {true} and {latent}"
+        )
+    return [action * model.lam.num_latents + code for action, code in zip(true, latent, strict=True)]
 
 
 def _splits(index: dict) -> str:

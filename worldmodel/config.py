@@ -98,7 +98,7 @@ def derive_batch(
 
 
 STAGES = ("tokenizer", "lam", "dynamics")
-ACTION_SOURCES = ("true", "latent")
+ACTION_SOURCES = ("true", "latent", "both")
 STRATEGY_NAMES = ("ddp", "deepspeed", "fsdp")
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
 
@@ -130,8 +130,9 @@ class TaskConfig:
 
     stage: str = "tokenizer"  # tokenizer | lam (latent actions) | dynamics
     tokenizer_checkpoint: str | None = None  # dynamics: a trained tokenizer (file or DeepSpeed folder)
-    # dynamics: what conditions it: the data's actions (true) or the latent actions a frozen
-    # latent action model (lam_checkpoint, trained with task=lam) reads off each transition
+    # dynamics: what conditions it: the data's actions (true), the latent actions a frozen latent
+    # action model (lam_checkpoint, trained with task=lam) reads off each transition (latent), or
+    # both, one id per (true, latent) pair
     action_source: str = "true"
     lam_checkpoint: str | None = None
     context_frames: int = 2  # dynamics rollout videos: real frames given before generating
@@ -152,9 +153,9 @@ class TaskConfig:
             f"must be one of {ACTION_SOURCES}, got {self.action_source!r}",
         )
         _require(
-            self.action_source != "latent" or self.lam_checkpoint is not None,
+            self.action_source == "true" or self.lam_checkpoint is not None,
             "task.lam_checkpoint",
-            "task.action_source=latent needs a trained latent action model (train task=lam first)",
+            f"task.action_source={self.action_source} needs a latent action model (train task=lam first)",
         )
         _require(
             0.0 <= self.context_noise < 1.0,

@@ -18,7 +18,7 @@ import torch
 from worldmodel.data import NULL_ACTION
 from worldmodel.eval.metrics import psnr, ssim
 from worldmodel.models.dynamics import Dynamics, DynamicsConfig
-from worldmodel.models.lam import LatentActionConfig, LatentActionModel
+from worldmodel.models.lam import LatentActionConfig, LatentActionModel, conditioning_actions
 from worldmodel.models.tokenizer import Tokenizer, TokenizerConfig
 from worldmodel.training.checkpoint import (
     CheckpointError,
@@ -46,14 +46,17 @@ class WorldModel:
                 network.to(device)
         return self
 
+    @property
+    def action_source(self) -> str:
+        """true, latent or both (config.task.action_source)."""
+        return self.config["task"].get("action_source", "true")
+
     def conditioning(self, video: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """The actions (B, T) a clip's rollout is conditioned on: the data's `actions`, or for a
-        model of latent actions, those its LAM reads off the clip's T - 1 transitions (the last
-        frame leads nowhere: the null action)."""
+        model of latent actions what its LAM reads off the clip (lam.conditioning_actions)."""
         if self.lam is None:
             return actions
-        latent = self.lam.infer(video)  # (B, T - 1)
-        return torch.cat([latent, torch.full_like(latent[:, :1], NULL_ACTION)], dim=1)
+        return conditioning_actions(self.lam, video, actions, self.action_source)
 
     @property
     def device(self) -> torch.device:
@@ -196,7 +199,7 @@ def generate_from_video(
     if len(frames) < context:
         raise ValueError(f"{path}: {len(frames)} frames, --context asks for {context}")
     if any(not 0 <= action < model.num_actions for action in actions):
-        flag = "--latent-actions" if model.lam is not None else "--actions"
+        flag = "--latent-actions" if model.action_source == "latent" else "--actions"
         raise ValueError(f"{flag} must be ids in [0, {model.num_actions}), got {actions}")
     device = model.device
     video = torch.stack(frames)[None].to(device)  # (1, context, H, W, 3)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from worldmodel.data import NULL_ACTION
 from worldmodel.models.layers import STTransformer, rotary_2d
 
 
@@ -252,3 +253,18 @@ class LatentActionModel(nn.Module):
         predicted = self.predict_next(patches, self.codebook.lookup(ids))
         pixels = self.unpatch(predicted[:, None])[:, 0]
         return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def conditioning_actions(
+    lam: LatentActionModel, video: torch.Tensor, actions: torch.Tensor, source: str
+) -> torch.Tensor:
+    """The actions (B, T) a dynamics model of `source` latent or both is conditioned on, for a
+    uint8 clip (B, T, H, W, 3) with the data's `actions` (B, T): the latent actions the LAM reads
+    off its T - 1 transitions, the last frame leading nowhere (the null action); with both, one id
+    per (true, latent) pair, true * num_latents + latent (null where either is)."""
+    latent = lam.infer(video)  # (B, T - 1)
+    latent = torch.cat([latent, torch.full_like(latent[:, :1], NULL_ACTION)], dim=1)  # (B, T)
+    if source == "latent":
+        return latent
+    paired = actions * lam.num_latents + latent
+    return torch.where((actions == NULL_ACTION) | (latent == NULL_ACTION), NULL_ACTION, paired)

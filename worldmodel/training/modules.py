@@ -21,7 +21,6 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from worldmodel.config import TrainConfig
-from worldmodel.data import NULL_ACTION
 from worldmodel.models.dynamics import Dynamics, DynamicsConfig
 from worldmodel.models.flops import (
     dynamics_flops_per_token,
@@ -31,7 +30,7 @@ from worldmodel.models.flops import (
     tokenizer_flops_per_token,
     tokenizer_parameters,
 )
-from worldmodel.models.lam import LatentActionConfig, LatentActionModel
+from worldmodel.models.lam import LatentActionConfig, LatentActionModel, conditioning_actions
 from worldmodel.models.layers import STBlock
 from worldmodel.models.presets import preset
 from worldmodel.models.tokenizer import Tokenizer, TokenizerConfig
@@ -322,7 +321,10 @@ class DynamicsModule(WorldModelModule):
         else:
             dynamics_config = preset(config.model.preset)
             dynamics_config.vocab_size = tokenizer.vocab_size
-            dynamics_config.num_actions = lam.num_latents if lam is not None else num_actions
+            dynamics_config.num_actions = num_actions
+            if lam is not None:  # latent actions, or one id per (true, latent) pair
+                both = config.task.action_source == "both"
+                dynamics_config.num_actions = lam.num_latents * (num_actions if both else 1)
             if config.model.action_conditioning is not None:
                 dynamics_config.action_conditioning = config.model.action_conditioning
         dynamics_config.checkpointing = config.model.checkpointing
@@ -367,13 +369,14 @@ class DynamicsModule(WorldModelModule):
             return self.tokenizer.encode(batch["video"])
 
     def actions(self, batch: dict) -> torch.Tensor:
-        """The actions (B, T) that condition the model: the batch's, or the latent actions of its
-        T - 1 transitions followed by the null action (the last frame leads nowhere in the clip)."""
+        """The actions (B, T) that condition the model: the batch's, or (task.action_source latent
+        or both) what the frozen LAM reads off its transitions (lam.conditioning_actions)."""
         if self.lam is None:
             return batch["actions"]
         with torch.autocast(self.device.type, enabled=False):  # fp32, as eval reads them
-            latent = self.lam.infer(batch["video"])  # (B, T - 1)
-        return torch.cat([latent, torch.full_like(latent[:, :1], NULL_ACTION)], dim=1)
+            return conditioning_actions(
+                self.lam, batch["video"], batch["actions"], self.config.task.action_source
+            )
 
     @property
     def tokenizer_config(self):

@@ -78,7 +78,7 @@ def build_module(config: TrainConfig, data: VideoDataModule, resume: str | None)
     else:
         tokenizer = load_tokenizer(config.task.tokenizer_checkpoint)
     lam = None
-    if config.task.action_source == "latent":
+    if config.task.action_source != "true":
         if data.tokens:
             raise ConfigError(
                 "task.action_source: latent actions are read off the frames; train on the video "
