@@ -298,8 +298,8 @@ def evaluate_lam(
     lam, path, data: Path, index: dict, settings: RolloutSettings, clips: int, out: Path, stride=1
 ):
     """A latent action model on held-out clips (context + horizon frames): how well its decoder
-    predicts each next frame from the true frame before and the latent action read off the pair
-    (PSNR, against copying the frame before), how evenly the latent actions are used, and, where
+    predicts each next frame from the true frames before and the latent actions read off the
+    clip (PSNR, against copying the frame before), how evenly the latent actions are used, and, where
     the data has actions, how much they say about the true ones."""
     frames = settings.context + settings.horizon
     next_psnr, copy_psnr, read_actions, sources, shown = [], [], [], [], []
@@ -308,20 +308,16 @@ def evaluate_lam(
     for batch in held_out_batches(data, index, frames, clips, batch_size=4, stride=stride):
         video = batch["video"].to(device)  # (B, frames, H, W, 3)
         ids = lam.infer(video)  # (B, frames - 1)
-        before, after = video[:, :-1].flatten(0, 1), video[:, 1:].flatten(0, 1)
-        predicted = lam.apply(before, ids.flatten()).view_as(video[:, 1:])  # (B, frames - 1, H, W, 3)
+        predicted = lam.predict(video[:, :-1], ids)  # frames 1.. as drawn: (B, frames - 1, H, W, 3)
         next_psnr.append(psnr(predicted.cpu(), video[:, 1:].cpu()))
-        copy_psnr.append(psnr(before.cpu(), after.cpu()).view(len(video), -1))
+        copy_psnr.append(psnr(video[:, :-1].cpu(), video[:, 1:].cpu()))
         read_actions += zip(ids.cpu(), batch["actions"][:, : frames - 1], strict=True)
         sources += batch["source"]
-        if not shown:  # each latent action applied to the first clips' frames, one step each
-            shown = [list(video[:GRID_CLIPS, :-1].cpu())]
+        if not shown:  # the first clips' frames, then as drawn holding each latent action throughout
+            shown = [list(video[:GRID_CLIPS, 1:].cpu())]
             for action in range(lam.num_latents):
-                held = torch.full((GRID_CLIPS * (frames - 1),), action, device=device)
-                applied = lam.apply(video[:GRID_CLIPS, :-1].flatten(0, 1), held).view_as(
-                    video[:GRID_CLIPS, 1:]
-                )
-                shown.append(list(applied.cpu()))
+                held = torch.full_like(ids[:GRID_CLIPS], action)
+                shown.append(list(lam.predict(video[:GRID_CLIPS, :-1], held).cpu()))
         progress.update(len(batch["key"]))
     progress.close()
     if not sources:

@@ -3,11 +3,13 @@
 The encoder sees two frames, t and t + 1, stacked as channels in overlapping patches (so each
 token sees what moved in and around its patch, and which way), mixes the patches in ST blocks and
 averages them into one vector per transition, snapped to the nearest of a few codes
-(`num_latents`, 8 by default): the latent action. The decoder sees frame t alone and the latent
-action (summed into every patch, and scaling and shifting every norm of its blocks, as real
-actions condition the dynamics model) and predicts frame t + 1 as frame t plus a change. The code
-is the only way information about frame t + 1 reaches the decoder, and a handful of codes cannot
-describe a frame, only what changed in it: what the agent did.
+(`num_latents`, 8 by default): the latent action. The decoder sees frames 0..t and their latent
+actions (summed into every patch, and scaling and shifting every norm of its blocks, as real
+actions condition the dynamics model; causal in time) and predicts frame t + 1 as frame t plus a
+change. The code is the only way information about frame t + 1 reaches the decoder, and a handful
+of codes cannot describe a frame, only what changed in it that the past did not foretell: what
+the agent did. (The past matters: a decoder that sees frame t alone cannot know how fast the
+river scrolls or where the opponent was heading, and its codes spend themselves on that.)
 
 Codes are unit vectors, first drawn from the first training batch's encoder outputs, then learned
 as an exponential moving average of the encoder outputs assigned to them (no gradient, so no
@@ -148,6 +150,12 @@ class LatentActionModel(nn.Module):
             config.dim, config.depth, config.heads, config.mlp_ratio, config.checkpointing, conditioned=True
         )
         self.to_pixels = nn.Linear(config.dim, patch_pixels)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The decoder starts by copying frame t: its change is zero until it learns one."""
+        nn.init.zeros_(self.to_pixels.weight)
+        nn.init.zeros_(self.to_pixels.bias)
 
     @property
     def num_latents(self) -> int:
@@ -188,24 +196,26 @@ class LatentActionModel(nn.Module):
         return F.normalize(latents.float(), dim=-1).view(batch, frames - 1, -1)  # (B, T-1, latent_dim)
 
     def predict_next(self, patches: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """Frame t's patches (M, h, w, P) and the code of what happened (M, latent_dim) -> frame
-        t + 1's patches (M, h, w, P): frame t plus the change the decoder draws from the code."""
-        count, height, width, _ = patches.shape
-        x = rearrange(self.decoder_patches(patches), "m h w d -> m 1 (h w) d")  # one frame: (M, 1, h*w, D)
-        condition = self.from_latent(codes.to(x.dtype))[:, None]  # (M, 1, D)
+        """Patches (B, F, h, w, P) of frames 0..F-1 and the codes of what happened after each
+        (B, F, latent_dim) -> predicted patches of frames 1..F (B, F, h, w, P): each frame t + 1
+        is frame t plus the change the decoder draws from frames <= t and the codes <= t."""
+        batch, frames, height, width, _ = patches.shape
+        x = rearrange(self.decoder_patches(patches), "b f h w d -> b f (h w) d")  # (B, F, h*w, D)
+        condition = self.from_latent(codes.to(x.dtype))  # (B, F, D)
         # Also summed into every patch: adaLN starts at zero, and without a path that reaches the
         # code from the first step, the encoder gets no gradient but the commitment and collapses.
         x = x + condition[:, :, None]
         angles = rotary_2d(height, width, self.config.dim // self.config.heads, patches.device)
-        hidden, _ = self.decoder.run(x, angles, torch.zeros(1, device=patches.device), condition=condition)
-        change = rearrange(self.to_pixels(hidden[:, 0]), "m (h w) p -> m h w p", h=height)  # (M, h, w, P)
+        positions = torch.arange(frames, device=patches.device)
+        hidden, _ = self.decoder.run(x, angles, positions, condition=condition)  # causal in time
+        change = rearrange(self.to_pixels(hidden), "b f (h w) p -> b f h w p", h=height)  # (B, F, h, w, P)
         return patches + change
 
     @staticmethod
     def transitions(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Patches (B, T, h, w, P) -> what the decoder starts from, frames t (B*(T-1), h, w, P),
-        and what it must predict, frames t + 1 (B*(T-1), h, w, P) in fp32."""
-        return patches[:, :-1].flatten(0, 1), patches[:, 1:].flatten(0, 1).float()
+        """Patches (B, T, h, w, P) -> what the decoder starts from, frames 0..T-2, and what it must
+        predict, frames 1..T-1 in fp32 (each (B, T - 1, h, w, P))."""
+        return patches[:, :-1], patches[:, 1:].float()
 
     def training_loss(
         self, video: torch.Tensor, generator: torch.Generator | None = None
@@ -214,8 +224,8 @@ class LatentActionModel(nn.Module):
         plus the commitment of the encoder to its codes; in training mode, one codebook update."""
         pixels = self.pixels(video)
         patches = self.patches(pixels)  # (B, T, h, w, P)
-        latents = self.encode(pixels).flatten(0, 1)  # (B*(T-1), latent_dim)
-        ids = self.codebook.nearest(latents)
+        latents = self.encode(pixels)  # (B, T - 1, latent_dim)
+        ids = self.codebook.nearest(latents)  # (B, T - 1)
         codes = self.codebook.lookup(ids).to(latents.dtype)
         quantized = latents + (codes - latents).detach()  # straight through to the encoder
         current, target = self.transitions(patches)
@@ -224,9 +234,9 @@ class LatentActionModel(nn.Module):
         commitment = F.mse_loss(latents, codes.detach())
         loss = reconstruction + self.config.commitment * commitment
         if self.training:
-            self.codebook.update(latents.detach(), ids, generator)
+            self.codebook.update(latents.detach().flatten(0, 1), ids.flatten(), generator)
         with torch.no_grad():
-            counts = torch.bincount(ids, minlength=self.num_latents).float()
+            counts = torch.bincount(ids.flatten(), minlength=self.num_latents).float()
             probabilities = counts / counts.sum()
             entropy = -(probabilities[probabilities > 0] * probabilities[probabilities > 0].log()).sum()
             error = ((predicted.clamp(-1, 1) - target) * 127.5).pow(2).mean()
@@ -246,12 +256,11 @@ class LatentActionModel(nn.Module):
         return self.codebook.nearest(self.encode(self.pixels(video)))
 
     @torch.no_grad()
-    def apply(self, video: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Frames (B, H, W, 3) and latent action ids (B,) -> the next frames as the decoder sees
-        them (B, H, W, 3), uint8."""
-        patches = self.patches(self.pixels(video[:, None]))[:, 0]  # (B, h, w, P)
-        predicted = self.predict_next(patches, self.codebook.lookup(ids))
-        pixels = self.unpatch(predicted[:, None])[:, 0]
+    def predict(self, video: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """uint8 frames 0..F-1 (B, F, H, W, 3) and the latent action ids after each (B, F) -> the
+        frames 1..F the decoder draws from them (B, F, H, W, 3), uint8."""
+        patches = self.patches(self.pixels(video))  # (B, F, h, w, P)
+        pixels = self.unpatch(self.predict_next(patches, self.codebook.lookup(ids)))
         return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 

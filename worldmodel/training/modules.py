@@ -294,11 +294,10 @@ class LatentActionModule(WorldModelModule):
 
     @torch.no_grad()
     def preview(self, batch):
-        """Truth | each frame after the first as the decoder draws it from the true frame before
-        and the latent action read off the pair."""
+        """Truth | each frame after the first as the decoder draws it from the true frames before
+        and the latent actions read off the clip."""
         video = batch["video"][:1]
-        ids = self.net.infer(video)[0]  # (T - 1,)
-        predicted = self.net.apply(video[0, :-1], ids)  # (T - 1, H, W, 3)
+        predicted = self.net.predict(video[:, :-1], self.net.infer(video))[0]  # (T - 1, H, W, 3)
         return torch.cat([video[0], torch.cat([video[0, :1], predicted])], dim=2)
 
 
