@@ -53,6 +53,8 @@ class LatentActionConfig:
             raise ValueError(f"model.dim {self.dim} must split into {self.heads} heads of a multiple of 4")
         if self.num_latents < 2:
             raise ValueError(f"num_latents must be >= 2, got {self.num_latents}")
+        if self.patch < 2 or self.patch % 2:  # the encoder's patches overlap by half a patch a side
+            raise ValueError(f"patch must be an even number of pixels, got {self.patch}")
         if not 0 < self.code_decay < 1:
             raise ValueError(f"code_decay must be in (0, 1), got {self.code_decay}")
 
