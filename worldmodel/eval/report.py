@@ -123,9 +123,11 @@ def evaluate_checkpoint(
     model = world_model_from(checkpoint, config, path, weights).to(device)
     del checkpoint
     latent = model.lam is not None
-    true_actions = {"true": model.num_actions, "latent": None}.get(  # how many the model knows
-        model.action_source, model.num_actions // model.lam.num_latents if latent else None
-    )
+    true_actions = model.num_actions  # how many of the data's actions the model knows
+    if model.action_source == "latent":
+        true_actions = None  # none: its actions are read off the frames, any data goes
+    elif model.action_source == "both":
+        true_actions //= model.lam.num_latents  # each paired with every latent action
     check_compatible(model.trained_on, true_actions, index, settings, data)
     read_actions: list[tuple[torch.Tensor, torch.Tensor]] = []  # latent model: (latent, true) per clip
     per_clip: dict[str, list[torch.Tensor]] = {}
@@ -189,14 +191,14 @@ GRID_CLIPS = 2
 def latent_action_grid(model, batch: dict, settings: RolloutSettings) -> list[list[torch.Tensor]]:
     """What each latent action does: for the first GRID_CLIPS clips of a batch, the truth and the
     same context rolled out holding each latent action k at every step (with both sources, k
-    beside the clip's true actions). Rows as `save_clips`
-    takes them: [truth clips, clips under latent action 0, under 1, ...], each (horizon, H, W, 3)."""
+    beside the clip's true actions). Rows as `save_clips` takes them: [truth clips, clips under
+    latent action 0, under 1, ...], each (horizon, H, W, 3)."""
     from worldmodel.eval.rollout import rollout
 
-    video = batch["video"][:GRID_CLIPS, : settings.context + settings.horizon].to(model.device)
+    steps = settings.context + settings.horizon
+    video = batch["video"][:GRID_CLIPS, :steps].to(model.device)
     tokens = model.tokenizer.encode(video[:, : settings.context])  # (clips, context, h, w)
     rows = [list(video[:, settings.context :].cpu())]
-    steps = settings.context + settings.horizon
     for action in range(model.lam.num_latents):
         held = torch.full((len(video), steps), action, device=model.device)  # (clips, steps)
         if model.action_source == "both":  # the clip's true actions, each paired with this one
