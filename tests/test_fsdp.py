@@ -12,6 +12,7 @@ import torch
 
 from tests.training_helpers import preempted_and_resumed
 from worldmodel.models.dynamics import Dynamics
+from worldmodel.models.lam import LatentActionModel
 from worldmodel.models.presets import preset
 from worldmodel.models.tokenizer import Tokenizer
 from worldmodel.training.checkpoint import read_checkpoint
@@ -21,6 +22,7 @@ NETWORKS = {
     "tokenizer_xs": lambda: Tokenizer(preset("tokenizer_xs")),
     "dynamics_xs adaLN": lambda: Dynamics(replace(preset("dynamics_xs"), action_conditioning="adaln")),
     "dynamics_debug token": lambda: Dynamics(replace(preset("dynamics_debug"), action_conditioning="token")),
+    "lam_xs": lambda: LatentActionModel(preset("lam_xs")),
 }
 
 

@@ -152,10 +152,11 @@ class LatentActionModel(nn.Module):
             config.dim, config.depth, config.heads, config.mlp_ratio, config.checkpointing, conditioned=True
         )
         self.to_pixels = nn.Linear(config.dim, patch_pixels)
-        self.reset_parameters()
+        self.reset_parameters_after_children()
 
-    def reset_parameters(self) -> None:
-        """The decoder starts by copying frame t: its change is zero until it learns one."""
+    def reset_parameters_after_children(self) -> None:
+        """The decoder starts by copying frame t: its change is zero until it learns one (also
+        run after a meta-device build, which resets the children first)."""
         nn.init.zeros_(self.to_pixels.weight)
         nn.init.zeros_(self.to_pixels.bias)
 
