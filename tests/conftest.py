@@ -49,6 +49,19 @@ def _train_tokenizer(run_dir: Path, sample_dir: Path, *more: str) -> Path:
     return run_dir / "checkpoints" / "last.ckpt"
 
 
+@pytest.fixture(scope="session")
+def lam_checkpoint(tmp_path_factory, atari_dir):
+    """A real latent action model checkpoint: two steps of `train.py task=lam` on game play."""
+    from tests.training_helpers import composed
+    from worldmodel.training.run import run, to_train_config
+
+    run_dir = tmp_path_factory.mktemp("lam_run")
+    overrides = ("task=lam", "model=lam_debug", "logger=csv", f"run_dir={run_dir}", f"data.root={atari_dir}")
+    overrides += ("data.frames=4", "data.num_workers=0", "trainer.video_every_n_steps=0")
+    run(to_train_config(composed(*overrides, "trainer.max_steps=2", "trainer.checkpoint_every_n_steps=2")))
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
 ATARI_SETTINGS = AtariSettings(frames=8, size=32, max_steps=48, seed=3)
 
 

@@ -94,19 +94,6 @@ def test_latent_action_ids_round_trip_through_their_codes():
     assert next_frames.shape == video[:, 1:].shape and next_frames.dtype == torch.uint8
 
 
-@pytest.fixture(scope="module")
-def lam_checkpoint(tmp_path_factory, atari_dir):
-    """A real latent action model checkpoint: two steps of `train.py task=lam` on game play."""
-    from tests.training_helpers import composed
-    from worldmodel.training.run import run, to_train_config
-
-    run_dir = tmp_path_factory.mktemp("lam_run")
-    overrides = ("task=lam", "model=lam_debug", "logger=csv", f"run_dir={run_dir}", f"data.root={atari_dir}")
-    overrides += ("data.frames=4", "data.num_workers=0", "trainer.video_every_n_steps=0")
-    run(to_train_config(composed(*overrides, "trainer.max_steps=2", "trainer.checkpoint_every_n_steps=2")))
-    return run_dir / "checkpoints" / "last.ckpt"
-
-
 RESUMED = ("optim.schedule_steps=12", "trainer.max_steps=12", "trainer.checkpoint_every_n_steps=0")
 
 

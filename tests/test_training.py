@@ -38,7 +38,9 @@ def build_everything(config, tokenizer_checkpoint):
     return strategy, loggers, module, trainer
 
 
-def test_every_config_composes_and_builds_its_objects(tmp_path, sample_dir, tokenizer_checkpoint):
+def test_every_config_composes_and_builds_its_objects(
+    tmp_path, sample_dir, tokenizer_checkpoint, lam_checkpoint
+):
     base = (f"run_dir={tmp_path}", f"data.root={sample_dir}", "logger=csv")
     dynamics = ("task=dynamics", f"task.tokenizer_checkpoint={tokenizer_checkpoint}")
     stage_options = {"dynamics": dynamics, "lam": ("task=lam",), "tokenizer": ()}
@@ -57,6 +59,7 @@ def test_every_config_composes_and_builds_its_objects(tmp_path, sample_dir, toke
         (
             "experiment=" + name,
             *((f"task.tokenizer_checkpoint={tokenizer_checkpoint}",) if "tokenizer" not in name else ()),
+            *((f"task.lam_checkpoint={lam_checkpoint}",) if name.startswith("atari_lam") else ()),
         )
         for name in options("experiment")
     ]
