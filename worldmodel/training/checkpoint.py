@@ -168,23 +168,24 @@ def load_tokenizer(path: str | os.PathLike, weights: str = "ema") -> Tokenizer:
     return tokenizer_from(*read_stage_checkpoint(path, "tokenizer"), weights)
 
 
-def tokenizer_from(checkpoint: dict, config: dict, weights: str = "ema") -> Tokenizer:
-    """The tokenizer of a read tokenizer checkpoint, in eval mode, built as it was trained."""
-    tokenizer = Tokenizer(recorded_net_config(checkpoint, config, TokenizerConfig))
-    tokenizer.load_state_dict(net_state_dict(checkpoint, weights))
-    return tokenizer.eval()
-
-
 def load_lam(path: str | os.PathLike, weights: str = "ema") -> LatentActionModel:
     """A trained latent action model from a lam checkpoint (file, DeepSpeed or FSDP folder, export)."""
     return lam_from(*read_stage_checkpoint(path, "lam"), weights)
 
 
+def network_from(checkpoint: dict, config: dict, network: type, kind: type, weights: str = "ema"):
+    """The `network` of a read checkpoint, in eval mode, built as trained (`kind`: its config class)."""
+    net = network(recorded_net_config(checkpoint, config, kind))
+    net.load_state_dict(net_state_dict(checkpoint, weights))
+    return net.eval()
+
+
+def tokenizer_from(checkpoint: dict, config: dict, weights: str = "ema") -> Tokenizer:
+    return network_from(checkpoint, config, Tokenizer, TokenizerConfig, weights)
+
+
 def lam_from(checkpoint: dict, config: dict, weights: str = "ema") -> LatentActionModel:
-    """The latent action model of a read lam checkpoint, in eval mode, built as it was trained."""
-    lam = LatentActionModel(recorded_net_config(checkpoint, config, LatentActionConfig))
-    lam.load_state_dict(net_state_dict(checkpoint, weights))
-    return lam.eval()
+    return network_from(checkpoint, config, LatentActionModel, LatentActionConfig, weights)
 
 
 def recorded_net_config(checkpoint: dict, config: dict, kind: type):
