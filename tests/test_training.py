@@ -59,7 +59,11 @@ def test_every_config_composes_and_builds_its_objects(
         (
             "experiment=" + name,
             *((f"task.tokenizer_checkpoint={tokenizer_checkpoint}",) if "tokenizer" not in name else ()),
-            *((f"task.lam_checkpoint={lam_checkpoint}",) if name.startswith("atari_lam") else ()),
+            *(
+                (f"task.lam_checkpoint={lam_checkpoint}",)
+                if name.startswith(("atari_lam", "coinrun"))
+                else ()
+            ),
         )
         for name in options("experiment")
     ]
@@ -105,6 +109,25 @@ def test_adamw_is_fused_on_cuda_except_where_fp16_gradients_must_be_unscaled_bef
     assert fused_adamw("cuda", "16-mixed", None) and not fused_adamw("cuda", "16-mixed", 1.0)
 
 
+def test_zero3_memory_settings_reach_deepspeeds_config(tmp_path, sample_dir):
+    """The settings that bound ZeRO-3's memory (benchmarks/README.md) are the ones DeepSpeed runs with."""
+    config = to_train_config(
+        composed(
+            f"run_dir={tmp_path}",
+            f"data.root={sample_dir}",
+            "strategy=deepspeed_zero3",
+            "strategy.sub_group_elements=1000",
+            "strategy.live_parameters=2000",
+            "strategy.reuse_distance=0",
+            "strategy.bucket_elements=3000",
+        )
+    )
+    zero = build_strategy(config).config["zero_optimization"]
+    assert zero["sub_group_size"] == 1000
+    assert (zero["stage3_max_live_parameters"], zero["stage3_max_reuse_distance"]) == (2000, 0)
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 3000
+
+
 def test_misconfigured_runs_fail_at_startup_naming_the_problem(tmp_path, sample_dir):
     base = (f"run_dir={tmp_path}", f"data.root={sample_dir}")
     cases = {
@@ -120,6 +143,7 @@ def test_misconfigured_runs_fail_at_startup_naming_the_problem(tmp_path, sample_
         ("optim.ema_decay=0.99", "strategy=fsdp"): "optim.ema_decay",
         ("strategy=fsdp", "strategy.reduce_dtype=fp16"): "strategy.reduce_dtype",
         ("optim.ema_decay=0.99", "strategy=deepspeed_zero3"): "optim.ema_decay",
+        ("strategy=deepspeed_zero3", "strategy.sub_group_elements=-1"): "strategy.sub_group_elements",
     }
     for overrides, expected in cases.items():
         with pytest.raises(ConfigError, match=expected.replace(".", r"\.")):

@@ -285,6 +285,9 @@ class StrategyConfig:
     # elements; DeepSpeed's defaults (1e9 each) keep a model of up to 1e9 parameters gathered whole
     live_parameters: int = 1_000_000_000
     reuse_distance: int = 1_000_000_000
+    # zero 3: the optimizer steps its shard in groups of this many elements; every temporary of
+    # the step (flattened gradients, Adam's intermediates) is the size of one group
+    sub_group_elements: int = 1_000_000_000
     reduce_dtype: str = "fp32"  # fsdp: gradients are averaged across ranks in fp32 | bf16
 
     def __post_init__(self) -> None:
@@ -293,7 +296,7 @@ class StrategyConfig:
         _require(
             self.bucket_elements >= 1, "strategy.bucket_elements", f"must be >= 1, got {self.bucket_elements}"
         )
-        for name in ("live_parameters", "reuse_distance"):
+        for name in ("live_parameters", "reuse_distance", "sub_group_elements"):
             _require(getattr(self, name) >= 0, f"strategy.{name}", f"must be >= 0, got {getattr(self, name)}")
         _require(
             self.persistence_threshold >= 0,

@@ -92,6 +92,7 @@ def build_strategy(config: TrainConfig) -> Strategy | str:
             offload_parameters=choice.offload_parameters,
             reduce_bucket_size=choice.bucket_elements,
             allgather_bucket_size=choice.bucket_elements,
+            sub_group_size=choice.sub_group_elements,
             process_group_backend=backend,
         )
         # Not a constructor argument in Lightning: set in the ZeRO config it built.
