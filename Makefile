@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SAMPLE := data/shards/sample
 
-.PHONY: setup demo atari atari-long atari-lam test test-fast lint bench clean
+.PHONY: setup procgen-env demo atari atari-long atari-lam coinrun latent-stages test test-fast lint bench clean
 
 $(BIN)/worldmodel: pyproject.toml requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,15 @@ $(BIN)/worldmodel: pyproject.toml requirements-lock.txt
 	touch $(BIN)/worldmodel
 
 setup: $(BIN)/worldmodel
+
+# procgen (CoinRun) pins numpy<2 and gym<1: `worldmodel prepare coinrun` records with this separate
+# interpreter (worldmodel/data/sources/coinrun.py).
+PROCGEN_VENV := .venv-procgen
+$(PROCGEN_VENV)/bin/python:
+	$(PYTHON) -m venv $(PROCGEN_VENV)
+	$(PROCGEN_VENV)/bin/pip install --quiet procgen-mirror==0.10.7 numpy==1.26.4 gym==0.26.2 gym3==0.3.3
+
+procgen-env: $(PROCGEN_VENV)/bin/python
 
 DEMO := outputs/demo
 
@@ -74,6 +83,20 @@ atari-lam: setup
 	$(eval LAM_OUT := $(if $(filter outputs/atari,$(OUT)),outputs/atari-lam,$(OUT)))
 	$(BIN)/worldmodel prepare atari --games $(GAMES) --episodes $(EPISODES) --max-steps $(MAX_STEPS) \
 		--frames 16 --size 64 --out $(LAM_OUT)/data $(ATARI_RECORD)
+	$(MAKE) latent-stages LAM_OUT=$(LAM_OUT)
+
+# Genie's CoinRun study on 2 CPU cores (README "Latent actions"): random-action CoinRun episodes
+# (COINRUN_EPISODES of at most MAX_STEPS steps), then the stages of `make atari-lam` unchanged.
+# At the reproductions' size on GPUs: experiment=coinrun/tokenizer, coinrun/lam, coinrun/dynamics.
+COINRUN_EPISODES ?= 96
+coinrun: setup procgen-env
+	$(eval LAM_OUT := $(if $(filter outputs/atari,$(OUT)),outputs/coinrun,$(OUT)))
+	$(BIN)/worldmodel prepare coinrun --episodes $(COINRUN_EPISODES) --max-steps $(MAX_STEPS) \
+		--frames 16 --size 64 --out $(LAM_OUT)/data
+	$(MAKE) latent-stages LAM_OUT=$(LAM_OUT)
+
+# The stages of `make atari-lam` and `make coinrun` on the shards in $(LAM_OUT)/data.
+latent-stages: setup
 	$(BIN)/python train.py experiment=atari_cpu/tokenizer run_dir=$(LAM_OUT)/tokenizer \
 		data.root=$(LAM_OUT)/data $(ATARI_TRAIN) $(ATARI_TOKENIZER)
 	$(BIN)/python train.py experiment=atari_lam/lam run_dir=$(LAM_OUT)/lam data.root=$(LAM_OUT)/data \
@@ -84,7 +107,7 @@ atari-lam: setup
 	$(BIN)/worldmodel eval $(LAM_OUT)/dynamics/checkpoints/last.ckpt --data $(LAM_OUT)/data \
 		--context 4 --horizon 8 --clips 128 --steps 4 --guidance 1 --out $(LAM_OUT)/eval $(ATARI_EVAL)
 
-test: setup
+test: setup procgen-env
 	$(BIN)/python -m pytest -q
 
 test-fast: setup

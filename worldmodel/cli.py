@@ -64,6 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     atari.add_argument("--max-steps", type=int, default=2000, help="steps per episode at most")
     atari.add_argument("--seed", type=int, default=0)
 
+    coinrun = prepare.add_parser("coinrun", help="record random-action CoinRun episodes (procgen)")
+    coinrun.add_argument("--episodes", type=int, required=True)
+    _add_shard_options(coinrun, frames=16, size=64)
+    coinrun.add_argument("--max-steps", type=int, default=1000, help="steps per episode at most")
+    coinrun.add_argument("--distribution-mode", default="hard", choices=("easy", "hard"))
+    coinrun.add_argument("--seed", type=int, default=0)
+    coinrun.add_argument(
+        "--recorder-python",
+        default=None,
+        help="a Python with procgen (default: WORLDMODEL_PROCGEN_PYTHON or .venv-procgen)",
+    )
+
     shards = prepare.add_parser("shards", help="WebDataset shards of other tools (e.g. video2dataset)")
     shards.add_argument("urls", nargs="+", help="shard paths, brace patterns or URLs")
     _add_shard_options(shards, frames=16, size=64)
@@ -210,6 +222,11 @@ def _prepare(args: argparse.Namespace) -> dict:
 
         member = dict(caption_field=args.caption_field, video_member_name=args.video_member)
         return prepare_shards(expand_shards(args.urls), args.out, settings, **common, **member)
+    if args.source == "coinrun":
+        from worldmodel.data.sources.coinrun import CoinRunSettings, prepare_coinrun
+
+        settings = CoinRunSettings(args.frames, args.size, args.max_steps, args.distribution_mode, args.seed)
+        return prepare_coinrun(args.episodes, args.out, settings, **common, recorder=args.recorder_python)
     from worldmodel.data.sources.atari import AtariSettings, prepare_atari
 
     settings = AtariSettings(

@@ -19,6 +19,10 @@ TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
     "tokenizer_s": TokenizerConfig(
         levels=[8, 8, 8, 5, 5, 5], downsample=4, channels=64, dim=256, depth=4, heads=4
     ),
+    # The CoinRun study's size (Genie, reproduced by Jafar: width 512, 8 blocks, 4x4 patches, 1024 codes)
+    "tokenizer_coinrun": TokenizerConfig(
+        levels=[8, 5, 5, 5], downsample=4, channels=64, dim=512, depth=8, heads=8
+    ),
     "tokenizer_m": TokenizerConfig(
         levels=[8, 8, 8, 5, 5, 5], downsample=8, channels=96, dim=512, depth=8, heads=8
     ),
@@ -34,6 +38,8 @@ LAM_PRESETS: dict[str, LatentActionConfig] = {
     "lam_xs": LatentActionConfig(patch=8, dim=64, depth=2, heads=4),
     "lam_s": LatentActionConfig(patch=8, dim=256, depth=4, heads=4),
     "lam_m": LatentActionConfig(patch=16, dim=512, depth=8, heads=8),
+    # The CoinRun study's LAM (Jafar: lam_m's size with 6 latent actions)
+    "lam_coinrun": LatentActionConfig(num_latents=6, patch=16, dim=512, depth=8, heads=8),
     "lam_l": LatentActionConfig(patch=16, dim=768, depth=12, heads=12),
 }
 
@@ -42,6 +48,8 @@ LAM_PRESETS: dict[str, LatentActionConfig] = {
 DYNAMICS_PRESETS: dict[str, DynamicsConfig] = {
     "dynamics_debug": DynamicsConfig(vocab_size=1000, dim=32, depth=2, heads=2),  # 0.1M (tokenizer_debug)
     "dynamics_xs": DynamicsConfig(dim=128, depth=4, heads=4),  # 17M; 1.3M on tokenizer_debug's 1000 codes
+    # The CoinRun study's dynamics model (Jafar: width 512, 12 blocks) on tokenizer_coinrun's 1000 codes
+    "dynamics_coinrun": DynamicsConfig(vocab_size=1000, dim=512, depth=12, heads=8),  # 51M
     "dynamics_s": DynamicsConfig(dim=512, depth=8, heads=8),  # 99M
     "dynamics_m": DynamicsConfig(dim=768, depth=12, heads=12),  # 212M
     "dynamics_l": DynamicsConfig(dim=1024, depth=20, heads=16),  # 467M

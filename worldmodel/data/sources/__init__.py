@@ -7,9 +7,11 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 
+import numpy as np
 from tqdm import tqdm
 
-from worldmodel.data.shards import Clip, DatasetInfo, ShardSetWriter
+from worldmodel.data.shards import Clip, DatasetInfo, ShardSetWriter, safe_key
+from worldmodel.data.video import LOSSLESS, encode_mp4
 
 # A job's work: its clips, or a reason why it has none (a failure that must not stop the others).
 Work = Callable[[object], tuple[list[Clip], "str | None"]]
@@ -20,6 +22,43 @@ def validation_count(items: int, fraction: float) -> int:
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {fraction}")
     return math.ceil(fraction * items) if items > 1 else 0
+
+
+def episode_clips(
+    frames: np.ndarray,
+    actions: np.ndarray,
+    rewards: np.ndarray,
+    frames_per_clip: int,
+    fps: float,
+    key_prefix: str,
+    meta: dict,
+) -> list[Clip]:
+    """Cut one recorded episode (frames (L, H, W, 3) uint8, action t and reward t after frame t)
+    into consecutive clips that never cross its end, encoded losslessly so that replaying the
+    actions reproduces them; `meta` (the episode's own fields) goes into every clip's metadata."""
+    clips = []
+    for clip_index, start in enumerate(range(0, len(frames) - frames_per_clip + 1, frames_per_clip)):
+        stop = start + frames_per_clip
+        clip_meta = {
+            **meta,
+            "episode_steps": len(frames),
+            "start_step": start,
+            "clip_index": clip_index,
+            "rewards": rewards[start:stop].tolist(),
+            "fps": fps,
+            "frames": frames_per_clip,
+            "height": frames.shape[1],
+            "width": frames.shape[2],
+        }
+        clips.append(
+            Clip(
+                key=safe_key(f"{key_prefix}_{clip_index:05d}"),
+                mp4=encode_mp4(frames[start:stop], fps, LOSSLESS),
+                meta=clip_meta,
+                actions=actions[start:stop],
+            )
+        )
+    return clips
 
 
 def shard_in_parallel(

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from worldmodel.data.shards import Clip, DatasetInfo, read_index, safe_key
-from worldmodel.data.sources import shard_in_parallel, validation_count
-from worldmodel.data.video import LOSSLESS, encode_mp4, resize_frame
+from worldmodel.data.shards import Clip, DatasetInfo, read_index
+from worldmodel.data.sources import episode_clips, shard_in_parallel, validation_count
+from worldmodel.data.video import resize_frame
 
 FULL_ACTION_SET_SIZE = 18
 ATARI_FPS = 60.0  # the console's frame rate; a recorded frame lasts `frameskip` of them
@@ -114,34 +114,17 @@ def record_episode(job: tuple[str, int, AtariSettings]) -> list[Clip]:
     game, episode, settings = job
     seed = episode_seed(settings, game, episode)
     frames, actions, rewards = play_episode(game, seed, settings)
-    clips = []
-    for clip_index, start in enumerate(range(0, len(frames) - settings.frames + 1, settings.frames)):
-        stop = start + settings.frames
-        meta = {
-            "source": f"atari/{game}",
-            "game": game,
-            "episode": episode,
-            "episode_seed": seed,
-            "episode_steps": len(frames),
-            "start_step": start,
-            "clip_index": clip_index,
-            "rewards": rewards[start:stop].tolist(),
-            "frameskip": settings.frameskip,
-            "sticky": settings.sticky,
-            "fps": settings.fps,
-            "frames": settings.frames,
-            "height": settings.size,
-            "width": settings.size,
-        }
-        clips.append(
-            Clip(
-                key=safe_key(f"{game}_ep{episode:05d}_{clip_index:05d}"),
-                mp4=encode_mp4(frames[start:stop], settings.fps, LOSSLESS),
-                meta=meta,
-                actions=actions[start:stop],
-            )
-        )
-    return clips
+    meta = {
+        "source": f"atari/{game}",
+        "game": game,
+        "episode": episode,
+        "episode_seed": seed,
+        "frameskip": settings.frameskip,
+        "sticky": settings.sticky,
+    }
+    return episode_clips(
+        frames, actions, rewards, settings.frames, settings.fps, f"{game}_ep{episode:05d}", meta
+    )
 
 
 def _record(job: tuple[str, int, AtariSettings]) -> tuple[list[Clip], None]:
