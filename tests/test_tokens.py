@@ -56,6 +56,16 @@ def dynamics(tokenizer: Path | None, *more: str) -> tuple[str, ...]:
     )
 
 
+def perturbed_copy(checkpoint_path: Path, out: Path) -> Path:
+    """The checkpoint with one weight moved by 1e-3: the same architecture, another network."""
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    name = next(key for key in checkpoint["state_dict"] if key.endswith(".weight"))
+    checkpoint["state_dict"][name] = checkpoint["state_dict"][name] + 1e-3
+    checkpoint.pop("ema", None)
+    torch.save(checkpoint, out)
+    return out
+
+
 @pytest.mark.parametrize("data, hop", [("atari", 1), ("sample", 4)])
 def test_tokenize_writes_the_tokenizers_encode_of_every_window_of_every_clip(
     request, data, hop, trained_tokenizer
@@ -124,12 +134,7 @@ def test_training_from_tokens_resumes_exactly(tmp_path, atari_tokens):
 def test_tokens_of_another_tokenizer_are_refused_at_startup_naming_both(
     tmp_path, atari_tokens, trained_tokenizer
 ):
-    other = tmp_path / "other.ckpt"
-    checkpoint = torch.load(trained_tokenizer, map_location="cpu", weights_only=False)
-    name = next(key for key in checkpoint["state_dict"] if key.endswith(".weight"))
-    checkpoint["state_dict"][name] = checkpoint["state_dict"][name] + 1e-3
-    checkpoint.pop("ema", None)
-    torch.save(checkpoint, other)
+    other = perturbed_copy(trained_tokenizer, tmp_path / "other.ckpt")
     refused = train(
         tmp_path / "run",
         *dynamics(other, "data=tokens", f"data.frames={FRAMES}", "trainer.max_steps=2"),
@@ -218,3 +223,78 @@ def test_inspect_shows_tokens_and_eval_asks_for_the_video_folder(atari_tokens, a
     evaluate = [worldmodel, "eval", str(trained_tokenizer), "--data", str(atari_tokens), "--clips", "1"]
     refused = subprocess.run(evaluate, capture_output=True, text=True)
     assert refused.returncode == 2 and f"evaluate on the video folder {atari_dir}" in refused.stderr
+
+
+@pytest.fixture(scope="module")
+def atari_latent_tokens(tmp_path_factory, atari_dir, trained_tokenizer, lam_checkpoint) -> Path:
+    """Game play tokenized with a latent action model labelling every window."""
+    out = tmp_path_factory.mktemp("atari_latent_tokens")
+    tokenize(
+        trained_tokenizer,
+        atari_dir,
+        out,
+        frames=FRAMES,
+        stride=1,
+        batch_size=3,
+        lam_checkpoint=lam_checkpoint,
+    )
+    return out
+
+
+def test_tokenize_with_a_lam_stores_its_latent_actions_of_every_window(
+    atari_dir, atari_latent_tokens, lam_checkpoint
+):
+    from worldmodel.models.lam import latent_conditioning
+    from worldmodel.training.checkpoint import load_lam
+
+    lam = load_lam(lam_checkpoint)
+    index = read_index(atari_latent_tokens)
+    assert index["lam"]["num_latents"] == lam.num_latents and index["lam"]["identity"].startswith("sha256:")
+    videos = wds.WebDataset(shard_paths(atari_dir, "train"), shardshuffle=False)
+    tokens = wds.WebDataset(shard_paths(atari_latent_tokens, "train"), shardshuffle=False)
+    for video_sample, token_sample in zip(videos, tokens, strict=True):
+        meta = json.loads(token_sample["json"])
+        video = decode_sample(video_sample, ClipSpec(meta["frames"]), rng=None)["video"]
+        windows = np.stack([video[start : start + FRAMES] for start in range(meta["frames"] - FRAMES + 1)])
+        stored = np.load(io.BytesIO(token_sample["latent_actions.npy"]))  # (starts, frames)
+        expected = latent_conditioning(lam, torch.from_numpy(windows))  # ids, then null
+        assert torch.equal(torch.from_numpy(stored.astype(np.int64)), expected)
+        assert (stored[:, -1] == -1).all() and "latent_actions.npy" in meta["checksums"]
+
+
+def test_a_latent_action_run_from_tokens_has_the_losses_of_one_from_video(
+    tmp_path, atari_dir, atari_latent_tokens, trained_tokenizer, lam_checkpoint
+):
+    latent = ("task.action_source=latent", f"task.lam_checkpoint={lam_checkpoint}", "trainer.max_steps=3")
+    from_video = train(tmp_path / "video", *dynamics(trained_tokenizer, *latent), sample_dir=atari_dir)
+    from_tokens = train(
+        tmp_path / "tokens",
+        *dynamics(None, *latent, "data=tokens", f"data.frames={FRAMES}"),
+        sample_dir=atari_latent_tokens,
+    )
+    assert from_video.returncode == 0, from_video.stderr[-3000:]
+    assert from_tokens.returncode == 0, from_tokens.stderr[-3000:]
+    expected = logged(tmp_path / "video", "train/loss")
+    assert len(expected) == 3 and logged(tmp_path / "tokens", "train/loss") == expected
+    saved = torch.load(
+        tmp_path / "tokens" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
+    assert "lam" in saved  # eval conditions the rollouts with it, as for a run from video
+
+
+def test_latent_action_runs_need_tokens_labelled_by_their_lam(
+    tmp_path, atari_tokens, atari_latent_tokens, lam_checkpoint
+):
+    from worldmodel.data.tokens import lam_for_tokens
+
+    refused = train(
+        tmp_path / "run",
+        *dynamics(None, "data=tokens", f"data.frames={FRAMES}", "trainer.max_steps=2"),
+        "task.action_source=latent",
+        f"task.lam_checkpoint={lam_checkpoint}",
+        sample_dir=atari_tokens,  # tokenized without --lam
+    )
+    assert refused.returncode != 0 and f"--lam {lam_checkpoint}" in refused.stderr, refused.stderr[-2000:]
+    other = perturbed_copy(lam_checkpoint, tmp_path / "other_lam.ckpt")
+    with pytest.raises(ConfigError, match=r"task\.lam_checkpoint: .*other_lam\.ckpt.* is not the lam"):
+        lam_for_tokens(read_index(atari_latent_tokens), str(atari_latent_tokens), str(other))

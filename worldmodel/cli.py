@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize.add_argument(
         "--weights", choices=("ema", "raw"), default="ema", help="the EMA where training kept one, or raw"
     )
+    tokenize.add_argument(
+        "--lam",
+        default=None,
+        help="a latent action model checkpoint: also store its latent actions of every window "
+        "(for dynamics runs with task.action_source latent or both)",
+    )
 
     info = commands.add_parser("info", help="parameters, FLOPs and per-GPU memory of a model preset")
     info.add_argument("model", help="a preset name, e.g. dynamics_l or tokenizer_m")
@@ -433,6 +439,7 @@ def _run(args: argparse.Namespace) -> None:
             stride=args.stride,
             hop=args.hop,
             weights=args.weights,
+            lam_checkpoint=args.lam,
         )
         skipped = {cause: count for cause, count in index["skipped"].items() if count}
         print(f"wrote {Path(args.out) / 'dataset.json'}: {_splits(index)}; skipped: {skipped or 'none'}")

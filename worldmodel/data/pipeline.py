@@ -132,6 +132,8 @@ def decode_sample(sample: dict, spec: ClipSpec, rng: np.random.Generator | None)
     indices = list(range(starts[choice], starts[choice] + spec.span, spec.stride))
     if cause == "tokens":
         clip = {"tokens": _window_tokens(sample, choice, len(starts), spec)}
+        if "latent_actions.npy" in sample:  # `worldmodel tokenize --lam`: labelled per window
+            clip["latent_actions"] = _window_latent_actions(sample, choice, len(starts), spec)
     else:
         clip = {"video": _video(sample, indices, stored_frames, spec)}
     clip["actions"] = _actions(sample, indices, stored_frames, spec)
@@ -193,6 +195,19 @@ def _window_tokens(sample: dict, choice: int, starts: int, spec: ClipSpec) -> np
     if tokens.ndim != 4 or tokens.shape[:2] != (starts, spec.frames):
         raise BadSample("tokens", f"tokens {tokens.shape}, expected ({starts}, {spec.frames}, h, w)")
     return tokens[choice].astype(np.int64)  # (T, h, w)
+
+
+def _window_latent_actions(sample: dict, choice: int, starts: int, spec: ClipSpec) -> np.ndarray:
+    """The latent actions of window number `choice` (T,), as the tokens of that window."""
+    try:
+        latent = np.load(io.BytesIO(sample["latent_actions.npy"]), allow_pickle=False)
+    except ValueError as error:
+        raise BadSample("tokens", f"unreadable latent_actions.npy ({error})") from error
+    if latent.shape != (starts, spec.frames) or not np.issubdtype(latent.dtype, np.integer):
+        raise BadSample(
+            "tokens", f"latent actions {latent.dtype}{latent.shape}, expected ({starts}, {spec.frames})"
+        )
+    return latent[choice].astype(np.int64)
 
 
 def _actions(sample: dict, indices: list[int], stored_frames: int, spec: ClipSpec) -> np.ndarray:
@@ -451,10 +466,15 @@ def skip_limit_error(
 
 
 def _collate(clips: list[dict], progress: WorkerProgress) -> dict:
-    # video (B, T, H, W, 3) uint8, or tokens (B, T, h, w) int64 from token shards
-    payload = "tokens" if "tokens" in clips[0] else "video"
+    # video (B, T, H, W, 3) uint8, or tokens (B, T, h, w) int64 from token shards, with their
+    # latent actions (B, T) int64 where they were labelled
+    payloads = ["tokens", "latent_actions"] if "tokens" in clips[0] else ["video"]
     return {
-        payload: torch.from_numpy(np.stack([c[payload] for c in clips])),
+        **{
+            name: torch.from_numpy(np.stack([c[name] for c in clips]))
+            for name in payloads
+            if name in clips[0]
+        },
         "actions": torch.from_numpy(np.stack([c["actions"] for c in clips])),  # (B, T) int64
         "key": [c["key"] for c in clips],
         "source": [c["source"] for c in clips],

@@ -9,14 +9,17 @@ frames taken every `stride`): `tokens.npy` (starts, frames, h, w), in the smalle
 that holds the vocabulary. The loader picks the window with the same randomness as from video,
 so a run from tokens trains on exactly the tokens a run from video computes. That costs one
 encoding per start: `hop` > 1 keeps every hop-th start only, when a dataset is too large for it.
-Beside the tokens: `actions.npy` (the clip's actions, as in the video shard) and a json with the
-source key, shard and position, the stored frame count, the window and checksums.
+Beside the tokens: `actions.npy` (the clip's actions, as in the video shard), with `--lam` the
+latent actions a frozen latent action model reads off each window (`latent_actions.npy`
+(starts, frames): the window's transitions, then the null action, as a dynamics run on latent
+actions computes them from video), and a json with the source key, shard and position, the stored
+frame count, the window and checksums.
 
 One token shard per video shard, same name. A shard is written to a temporary file and renamed
 when complete, after its record (`.NAME.json`: clips written, clips skipped by cause), so an
 interrupted run, started again, redoes only the shards without a file and gives byte-identical
 shards. `tokenize.json` names the tokenizer and window a folder is being made with; another
-tokenizer or window is refused there. `dataset.json` comes last, as with `prepare`.
+tokenizer, latent action model or window is refused there. `dataset.json` comes last, as with `prepare`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import logging
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -58,10 +62,11 @@ log = logging.getLogger("worldmodel.data")
 MANIFEST_NAME = "tokenize.json"
 
 
-def tokenizer_identity(tokenizer: torch.nn.Module) -> str:
-    """A hash of the tokenizer's architecture and weights: equal exactly when it encodes alike."""
-    digest = hashlib.sha256(json.dumps(asdict(tokenizer.config), sort_keys=True).encode())
-    for name, value in sorted(tokenizer.state_dict().items()):
+def network_identity(network: torch.nn.Module) -> str:
+    """A hash of a frozen network's architecture and weights (buffers included): equal exactly
+    when it encodes (a tokenizer) or labels (a latent action model) alike."""
+    digest = hashlib.sha256(json.dumps(asdict(network.config), sort_keys=True).encode())
+    for name, value in sorted(network.state_dict().items()):
         array = value.detach().cpu().contiguous()
         digest.update(f"{name}:{array.dtype}:{tuple(array.shape)}".encode())
         digest.update(array.view(torch.uint8).numpy().tobytes() if array.numel() else b"")
@@ -82,20 +87,24 @@ class TokenizeJob:
 
     checkpoint: str
     weights: str
+    lam_checkpoint: str | None  # also label every window with this latent action model
     spec: ClipSpec  # the windows encoded: frames, stride; the video's size and action set
     hop: int  # frames between the starts of encoded windows (1: every window the loader can draw)
     batch_size: int
     out_dir: str
 
 
-_tokenizer = None  # each process loads the tokenizer once, for every shard it takes (tokenize_shard)
+# Each process loads the networks once, for every shard it takes (tokenize_shard).
+_tokenizer = None
+_lam = None
 _device = torch.device("cpu")
 
 
-def _use(tokenizer, device: str) -> None:
-    global _tokenizer, _device
+def _use(tokenizer, lam, device: str) -> None:
+    global _tokenizer, _lam, _device
     _device = torch.device(device)
     _tokenizer = tokenizer.to(_device)
+    _lam = lam.to(_device) if lam is not None else None
 
 
 def _device_for(slot: int) -> str:
@@ -104,24 +113,38 @@ def _device_for(slot: int) -> str:
 
 def _start_pool_process(job: TokenizeJob, slots, devices: int) -> None:
     """Pool initializer: take the next free slot, so each process gets its own GPU."""
-    from worldmodel.training.checkpoint import load_tokenizer
+    from worldmodel.training.checkpoint import load_lam, load_tokenizer
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // devices))
-    _use(load_tokenizer(job.checkpoint, job.weights), _device_for(slots.get()))
+    lam = load_lam(job.lam_checkpoint) if job.lam_checkpoint else None
+    _use(load_tokenizer(job.checkpoint, job.weights), lam, _device_for(slots.get()))
 
 
-def encode_windows(
-    tokenizer, video: np.ndarray, spec: ClipSpec, hop: int, batch_size: int, device
-) -> np.ndarray:
-    """Token ids of the windows of one clip: video (S, H, W, 3) uint8 -> (starts, frames, h, w)."""
+def in_windows(network_call, video: np.ndarray, spec: ClipSpec, hop: int, batch_size: int, device):
+    """`network_call` over the windows of one clip, `batch_size` windows at a time: video
+    (S, H, W, 3) uint8 -> its outputs for windows (starts, frames, H, W, 3), concatenated."""
     starts = spec.window_starts(len(video), hop)
     windows = np.stack([video[start : start + spec.span : spec.stride] for start in starts])
     # windows: (starts, frames, H, W, 3)
-    encoded = [
-        tokenizer.encode(torch.from_numpy(windows[first : first + batch_size]).to(device)).cpu()
+    outputs = [
+        network_call(torch.from_numpy(windows[first : first + batch_size]).to(device)).cpu()
         for first in range(0, len(starts), batch_size)
     ]
-    return torch.cat(encoded).numpy()  # (starts, frames, h, w)
+    return torch.cat(outputs).numpy()
+
+
+def encode_windows(tokenizer, video, spec: ClipSpec, hop: int, batch_size: int, device) -> np.ndarray:
+    """Token ids of the windows of one clip: video (S, H, W, 3) uint8 -> (starts, frames, h, w)."""
+    return in_windows(tokenizer.encode, video, spec, hop, batch_size, device)
+
+
+def label_windows(lam, video, spec: ClipSpec, hop: int, batch_size: int, device) -> np.ndarray:
+    """Latent actions of the windows of one clip, as a dynamics run on latent actions reads them
+    off a window of video: (S, H, W, 3) uint8 -> (starts, frames) int16, the last one null."""
+    from worldmodel.models.lam import latent_conditioning
+
+    labels = in_windows(partial(latent_conditioning, lam), video, spec, hop, batch_size, device)
+    return labels.astype(np.int16)
 
 
 def tokenize_shard(job: TokenizeJob, url: str) -> dict:
@@ -143,6 +166,9 @@ def tokenize_shard(job: TokenizeJob, url: str) -> dict:
                 continue
             tokens = encode_windows(_tokenizer, clip["video"], job.spec, job.hop, job.batch_size, _device)
             payload = {"tokens.npy": npy_bytes(tokens.astype(dtype))}
+            if _lam is not None:
+                latent = label_windows(_lam, clip["video"], job.spec, job.hop, job.batch_size, _device)
+                payload["latent_actions.npy"] = npy_bytes(latent)
             if "actions.npy" in sample:
                 payload["actions.npy"] = sample["actions.npy"]
             writer.write(
@@ -188,6 +214,7 @@ def tokenize(
     stride: int | None = None,
     hop: int = 1,
     weights: str = "ema",
+    lam_checkpoint: str | os.PathLike | None = None,
 ) -> dict:
     """Encode every shard of a prepared folder; returns the token folder's `dataset.json`.
 
@@ -195,8 +222,10 @@ def tokenize(
     `devices` processes (GPUs where there are, else CPU processes sharing the cores) take the
     shards one at a time. Started again after an interruption, it continues where it stopped.
     `hop` > 1 encodes only every hop-th window of a clip (hop-times less work and storage; the
-    loader then draws among those, so runs no longer see the windows a video run would)."""
-    from worldmodel.training.checkpoint import read_stage_checkpoint, tokenizer_from
+    loader then draws among those, so runs no longer see the windows a video run would).
+    `lam_checkpoint`: also store the latent actions this latent action model reads off every
+    window, for dynamics runs on latent actions (task.action_source latent or both) from tokens."""
+    from worldmodel.training.checkpoint import load_lam, read_stage_checkpoint, tokenizer_from
 
     source = read_index(data_dir)
     if source["format"] == TOKENS_FORMAT:
@@ -221,7 +250,7 @@ def tokenize(
         "format": TOKENS_FORMAT,
         "source": str(Path(data_dir).resolve()),
         "tokenizer": {
-            "identity": tokenizer_identity(tokenizer),
+            "identity": network_identity(tokenizer),
             "checkpoint": str(Path(checkpoint).resolve()),
             "weights": weights,
             "config": asdict(tokenizer.config),
@@ -231,9 +260,17 @@ def tokenize(
         "grid": grid,
         "dtype": token_dtype(tokenizer.vocab_size).name,
     }
+    lam = load_lam(lam_checkpoint) if lam_checkpoint else None
+    if lam is not None:
+        manifest["lam"] = {
+            "identity": network_identity(lam),
+            "checkpoint": str(Path(lam_checkpoint).resolve()),
+            "num_latents": lam.num_latents,
+        }
     out = Path(out_dir)
     _claim(out, manifest)
-    job = TokenizeJob(str(checkpoint), weights, spec, hop, batch_size, str(out))
+    lam_path = str(lam_checkpoint) if lam_checkpoint else None
+    job = TokenizeJob(str(checkpoint), weights, lam_path, spec, hop, batch_size, str(out))
     todo = [
         (str(Path(data_dir) / shard["name"]), shard["clips"])
         for split in SPLITS
@@ -244,7 +281,7 @@ def tokenize(
     done = total - sum(clips for _, clips in todo)
     with tqdm(total=total, initial=done, unit="clip", desc="tokenize") as progress:
         if devices == 1:
-            _use(tokenizer, _device_for(0))
+            _use(tokenizer, lam, _device_for(0))
             for url, clips in todo:
                 tokenize_shard(job, url)
                 progress.update(clips)
@@ -286,7 +323,9 @@ def _write_index(out: Path, source: dict, manifest: dict) -> dict:
     index = {"format": TOKENS_FORMAT}
     index.update({key: source[key] for key in ("frames_per_clip", "height", "width", "fps", "num_actions")})
     index["source"] = {**source.get("source", {}), "video": manifest["source"]}
-    index.update({key: manifest[key] for key in ("tokenizer", "window", "grid", "dtype")})
+    index.update(
+        {key: manifest[key] for key in ("tokenizer", "lam", "window", "grid", "dtype") if key in manifest}
+    )
     index["splits"], skipped = {}, dict.fromkeys(SKIP_CAUSES, 0)
     for split in SPLITS:
         shards = []
@@ -318,11 +357,36 @@ def tokenizer_for_tokens(index: dict, root: str, checkpoint: str | None = None):
             f"here; set task.tokenizer_checkpoint to a copy of it"
         )
     tokenizer = load_tokenizer(path, recorded["weights"])
-    identity = tokenizer_identity(tokenizer)
+    _require_maker(tokenizer, recorded, path, root, "tokenizer", "made the tokens")
+    return tokenizer
+
+
+def lam_for_tokens(index: dict, root: str, checkpoint: str):
+    """The latent action model `checkpoint` (task.lam_checkpoint), which must be the one that
+    labelled a token folder's windows (`worldmodel tokenize --lam`): it travels in the dynamics
+    checkpoint and conditions eval's rollouts as it conditioned training."""
+    from worldmodel.config import ConfigError
+    from worldmodel.training.checkpoint import load_lam
+
+    recorded = index.get("lam")
+    if recorded is None:
+        raise ConfigError(
+            f"task.action_source: the tokens in {root} hold no latent actions; tokenize with "
+            f"`worldmodel tokenize ... --lam {checkpoint}`, or train on the video folder "
+            f"{index['source']['video']}"
+        )
+    lam = load_lam(checkpoint)
+    _require_maker(lam, recorded, checkpoint, root, "lam", "labelled the tokens")
+    return lam
+
+
+def _require_maker(network, recorded: dict, path, root: str, setting: str, did: str) -> None:
+    from worldmodel.config import ConfigError
+
+    identity = network_identity(network)
     if identity != recorded["identity"]:
         raise ConfigError(
-            f"task.tokenizer_checkpoint: {path} (tokenizer {identity[:19]}) is not the tokenizer that "
-            f"made the tokens in {root} ({recorded['checkpoint']}, tokenizer {recorded['identity'][:19]}): "
-            f"point task.tokenizer_checkpoint at that one, leave it unset, or tokenize again with this one"
+            f"task.{setting}_checkpoint: {path} ({setting} {identity[:19]}) is not the {setting} that "
+            f"{did} in {root} ({recorded['checkpoint']}, {setting} {recorded['identity'][:19]}): "
+            f"point task.{setting}_checkpoint at that one, or tokenize again with this one"
         )
-    return tokenizer

@@ -267,16 +267,23 @@ class LatentActionModel(nn.Module):
         return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def latent_conditioning(lam: LatentActionModel, video: torch.Tensor) -> torch.Tensor:
+    """The latent actions (B, T) that condition a dynamics model on a uint8 clip (B, T, H, W, 3):
+    what the LAM reads off its T - 1 transitions, the last frame leading nowhere (the null action)."""
+    latent = lam.infer(video)  # (B, T - 1)
+    return torch.cat([latent, torch.full_like(latent[:, :1], NULL_ACTION)], dim=1)  # (B, T)
+
+
+def paired_actions(actions: torch.Tensor, latent: torch.Tensor, num_latents: int) -> torch.Tensor:
+    """One id per (true, latent) pair (B, T), true * num_latents + latent, null where either is."""
+    paired = actions * num_latents + latent
+    return torch.where((actions == NULL_ACTION) | (latent == NULL_ACTION), NULL_ACTION, paired)
+
+
 def conditioning_actions(
     lam: LatentActionModel, video: torch.Tensor, actions: torch.Tensor, source: str
 ) -> torch.Tensor:
     """The actions (B, T) a dynamics model of `source` latent or both is conditioned on, for a
-    uint8 clip (B, T, H, W, 3) with the data's `actions` (B, T): the latent actions the LAM reads
-    off its T - 1 transitions, the last frame leading nowhere (the null action); with both, one id
-    per (true, latent) pair, true * num_latents + latent (null where either is)."""
-    latent = lam.infer(video)  # (B, T - 1)
-    latent = torch.cat([latent, torch.full_like(latent[:, :1], NULL_ACTION)], dim=1)  # (B, T)
-    if source == "latent":
-        return latent
-    paired = actions * lam.num_latents + latent
-    return torch.where((actions == NULL_ACTION) | (latent == NULL_ACTION), NULL_ACTION, paired)
+    uint8 clip (B, T, H, W, 3) with the data's `actions` (B, T)."""
+    latent = latent_conditioning(lam, video)
+    return latent if source == "latent" else paired_actions(actions, latent, lam.num_latents)

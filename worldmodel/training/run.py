@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from worldmodel.config import ConfigError, TrainConfig, derive_batch
 from worldmodel.data.datamodule import VideoDataModule
 from worldmodel.data.pipeline import start_worker_server
-from worldmodel.data.tokens import tokenizer_for_tokens
+from worldmodel.data.tokens import lam_for_tokens, tokenizer_for_tokens
 from worldmodel.training.budget import budget_steps, run_size, write_summary
 from worldmodel.training.callbacks import (
     EMA,
@@ -78,13 +78,12 @@ def build_module(config: TrainConfig, data: VideoDataModule, resume: str | None)
     else:
         tokenizer = load_tokenizer(config.task.tokenizer_checkpoint)
     lam = None
-    if config.task.action_source != "true":
-        if data.tokens:
-            raise ConfigError(
-                "task.action_source: latent actions are read off the frames; train on the video "
-                f"folder {data.index['source']['video']} instead of the tokens in {config.data.root}"
-            )
-        lam = load_lam(config.task.lam_checkpoint)
+    if config.task.action_source != "true":  # with tokens, the LAM that labelled them
+        lam = (
+            lam_for_tokens(data.index, config.data.root, config.task.lam_checkpoint)
+            if data.tokens
+            else load_lam(config.task.lam_checkpoint)
+        )
     return DynamicsModule(config, tokenizer, num_actions=data.num_actions or 0, recorded=recorded, lam=lam)
 
 
