@@ -30,7 +30,7 @@ from worldmodel.models.flops import (
     tokenizer_flops_per_token,
     tokenizer_parameters,
 )
-from worldmodel.models.lam import LatentActionConfig, LatentActionModel, conditioning_actions, paired_actions
+from worldmodel.models.lam import LatentActionConfig, LatentActionModel, latent_conditioning, paired_actions
 from worldmodel.models.layers import STBlock
 from worldmodel.models.presets import preset
 from worldmodel.models.tokenizer import Tokenizer, TokenizerConfig
@@ -369,21 +369,17 @@ class DynamicsModule(WorldModelModule):
 
     def actions(self, batch: dict) -> torch.Tensor:
         """The actions (B, T) that condition the model: the batch's, or (task.action_source latent
-        or both) what the frozen LAM reads off its transitions (lam.conditioning_actions), or read
-        off them once, with the tokens (`worldmodel tokenize --lam`)."""
+        or both) the latent actions of the frozen LAM (lam.conditioning_actions): read off the
+        batch's frames here, or once, with its tokens (`worldmodel tokenize --lam`)."""
         if self.lam is None:
             return batch["actions"]
-        if "latent_actions" in batch:
-            latent, source = batch["latent_actions"], self.config.task.action_source
-            return (
-                latent
-                if source == "latent"
-                else paired_actions(batch["actions"], latent, self.lam.num_latents)
-            )
-        with torch.autocast(self.device.type, enabled=False):  # fp32, as eval reads them
-            return conditioning_actions(
-                self.lam, batch["video"], batch["actions"], self.config.task.action_source
-            )
+        latent = batch.get("latent_actions")
+        if latent is None:
+            with torch.autocast(self.device.type, enabled=False):  # fp32, as eval reads them
+                latent = latent_conditioning(self.lam, batch["video"])
+        if self.config.task.action_source == "latent":
+            return latent
+        return paired_actions(batch["actions"], latent, self.lam.num_latents)
 
     @property
     def tokenizer_config(self):
