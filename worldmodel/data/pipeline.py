@@ -131,9 +131,9 @@ def decode_sample(sample: dict, spec: ClipSpec, rng: np.random.Generator | None)
     choice = int(rng.integers(len(starts))) if rng is not None else 0
     indices = list(range(starts[choice], starts[choice] + spec.span, spec.stride))
     if cause == "tokens":
-        clip = {"tokens": _window_tokens(sample, choice, len(starts), spec)}
+        clip = {"tokens": _window(sample, "tokens.npy", choice, len(starts), spec, ndim=4)}  # (T, h, w)
         if "latent_actions.npy" in sample:  # `worldmodel tokenize --lam`: labelled per window
-            clip["latent_actions"] = _window_latent_actions(sample, choice, len(starts), spec)
+            clip["latent_actions"] = _window(sample, "latent_actions.npy", choice, len(starts), spec, ndim=2)
     else:
         clip = {"video": _video(sample, indices, stored_frames, spec)}
     clip["actions"] = _actions(sample, indices, stored_frames, spec)
@@ -186,28 +186,22 @@ def _token_window(meta: dict, spec: ClipSpec) -> dict:
     return {"hop": 1, **window}
 
 
-def _window_tokens(sample: dict, choice: int, starts: int, spec: ClipSpec) -> np.ndarray:
-    """The tokens of window number `choice` (data/tokens.py: a token sample holds every window)."""
+def _window(sample: dict, member: str, choice: int, starts: int, spec: ClipSpec, ndim: int) -> np.ndarray:
+    """Window number `choice` of a token sample's `member` (data/tokens.py: the sample holds every
+    window): tokens.npy (starts, frames, h, w) or latent_actions.npy (starts, frames)."""
     try:
-        tokens = np.load(io.BytesIO(sample["tokens.npy"]), allow_pickle=False)
+        array = np.load(io.BytesIO(sample[member]), allow_pickle=False)
     except ValueError as error:
-        raise BadSample("tokens", f"unreadable tokens.npy ({error})") from error
-    if tokens.ndim != 4 or tokens.shape[:2] != (starts, spec.frames):
-        raise BadSample("tokens", f"tokens {tokens.shape}, expected ({starts}, {spec.frames}, h, w)")
-    return tokens[choice].astype(np.int64)  # (T, h, w)
-
-
-def _window_latent_actions(sample: dict, choice: int, starts: int, spec: ClipSpec) -> np.ndarray:
-    """The latent actions of window number `choice` (T,), as the tokens of that window."""
-    try:
-        latent = np.load(io.BytesIO(sample["latent_actions.npy"]), allow_pickle=False)
-    except ValueError as error:
-        raise BadSample("tokens", f"unreadable latent_actions.npy ({error})") from error
-    if latent.shape != (starts, spec.frames) or not np.issubdtype(latent.dtype, np.integer):
+        raise BadSample("tokens", f"unreadable {member} ({error})") from error
+    if (
+        array.ndim != ndim
+        or array.shape[:2] != (starts, spec.frames)
+        or not np.issubdtype(array.dtype, np.integer)
+    ):
         raise BadSample(
-            "tokens", f"latent actions {latent.dtype}{latent.shape}, expected ({starts}, {spec.frames})"
+            "tokens", f"{member} {array.dtype}{array.shape}, expected ({starts}, {spec.frames}, ...)"
         )
-    return latent[choice].astype(np.int64)
+    return array[choice].astype(np.int64)
 
 
 def _actions(sample: dict, indices: list[int], stored_frames: int, spec: ClipSpec) -> np.ndarray:
@@ -468,13 +462,9 @@ def skip_limit_error(
 def _collate(clips: list[dict], progress: WorkerProgress) -> dict:
     # video (B, T, H, W, 3) uint8, or tokens (B, T, h, w) int64 from token shards, with their
     # latent actions (B, T) int64 where they were labelled
-    payloads = ["tokens", "latent_actions"] if "tokens" in clips[0] else ["video"]
+    payloads = [name for name in ("video", "tokens", "latent_actions") if name in clips[0]]
     return {
-        **{
-            name: torch.from_numpy(np.stack([c[name] for c in clips]))
-            for name in payloads
-            if name in clips[0]
-        },
+        **{name: torch.from_numpy(np.stack([c[name] for c in clips])) for name in payloads},
         "actions": torch.from_numpy(np.stack([c["actions"] for c in clips])),  # (B, T) int64
         "key": [c["key"] for c in clips],
         "source": [c["source"] for c in clips],

@@ -56,6 +56,7 @@ from worldmodel.data.shards import (
     read_index,
     write_json_atomic,
 )
+from worldmodel.models.lam import latent_conditioning
 
 log = logging.getLogger("worldmodel.data")
 
@@ -120,31 +121,19 @@ def _start_pool_process(job: TokenizeJob, slots, devices: int) -> None:
     _use(load_tokenizer(job.checkpoint, job.weights), lam, _device_for(slots.get()))
 
 
-def in_windows(network_call, video: np.ndarray, spec: ClipSpec, hop: int, batch_size: int, device):
-    """`network_call` over the windows of one clip, `batch_size` windows at a time: video
-    (S, H, W, 3) uint8 -> its outputs for windows (starts, frames, H, W, 3), concatenated."""
+def clip_windows(video: np.ndarray, spec: ClipSpec, hop: int) -> np.ndarray:
+    """The windows a token sample holds: video (S, H, W, 3) uint8 -> (starts, frames, H, W, 3)."""
     starts = spec.window_starts(len(video), hop)
-    windows = np.stack([video[start : start + spec.span : spec.stride] for start in starts])
-    # windows: (starts, frames, H, W, 3)
+    return np.stack([video[start : start + spec.span : spec.stride] for start in starts])
+
+
+def batched(network_call, windows: np.ndarray, batch_size: int, device) -> np.ndarray:
+    """`network_call` over windows (starts, frames, H, W, 3), `batch_size` at a time, concatenated."""
     outputs = [
         network_call(torch.from_numpy(windows[first : first + batch_size]).to(device)).cpu()
-        for first in range(0, len(starts), batch_size)
+        for first in range(0, len(windows), batch_size)
     ]
     return torch.cat(outputs).numpy()
-
-
-def encode_windows(tokenizer, video, spec: ClipSpec, hop: int, batch_size: int, device) -> np.ndarray:
-    """Token ids of the windows of one clip: video (S, H, W, 3) uint8 -> (starts, frames, h, w)."""
-    return in_windows(tokenizer.encode, video, spec, hop, batch_size, device)
-
-
-def label_windows(lam, video, spec: ClipSpec, hop: int, batch_size: int, device) -> np.ndarray:
-    """Latent actions of the windows of one clip, as a dynamics run on latent actions reads them
-    off a window of video: (S, H, W, 3) uint8 -> (starts, frames) int16, the last one null."""
-    from worldmodel.models.lam import latent_conditioning
-
-    labels = in_windows(partial(latent_conditioning, lam), video, spec, hop, batch_size, device)
-    return labels.astype(np.int16)
 
 
 def tokenize_shard(job: TokenizeJob, url: str) -> dict:
@@ -164,11 +153,12 @@ def tokenize_shard(job: TokenizeJob, url: str) -> dict:
                 record["skipped"][bad.cause] += 1
                 log.warning("skipping %s in %s (%s: %s)", sample.get("__key__"), url, bad.cause, bad.detail)
                 continue
-            tokens = encode_windows(_tokenizer, clip["video"], job.spec, job.hop, job.batch_size, _device)
+            windows = clip_windows(clip["video"], job.spec, job.hop)  # (starts, frames, H, W, 3)
+            tokens = batched(_tokenizer.encode, windows, job.batch_size, _device)  # (starts, frames, h, w)
             payload = {"tokens.npy": npy_bytes(tokens.astype(dtype))}
-            if _lam is not None:
-                latent = label_windows(_lam, clip["video"], job.spec, job.hop, job.batch_size, _device)
-                payload["latent_actions.npy"] = npy_bytes(latent)
+            if _lam is not None:  # as a run on latent actions reads them off a window: ids, then null
+                latent = batched(partial(latent_conditioning, _lam), windows, job.batch_size, _device)
+                payload["latent_actions.npy"] = npy_bytes(latent.astype(np.int16))  # (starts, frames)
             if "actions.npy" in sample:
                 payload["actions.npy"] = sample["actions.npy"]
             writer.write(

@@ -274,8 +274,12 @@ def latent_conditioning(lam: LatentActionModel, video: torch.Tensor) -> torch.Te
     return torch.cat([latent, torch.full_like(latent[:, :1], NULL_ACTION)], dim=1)  # (B, T)
 
 
-def paired_actions(actions: torch.Tensor, latent: torch.Tensor, num_latents: int) -> torch.Tensor:
-    """One id per (true, latent) pair (B, T), true * num_latents + latent, null where either is."""
+def conditioning_from_latent(latent: torch.Tensor, actions: torch.Tensor, source: str, num_latents: int):
+    """The actions (B, T) a dynamics model of `source` latent or both is conditioned on, from the
+    latent actions (B, T) (latent_conditioning) and the data's `actions` (B, T): the latent ones,
+    or one id per (true, latent) pair, true * num_latents + latent, null where either is."""
+    if source == "latent":
+        return latent
     paired = actions * num_latents + latent
     return torch.where((actions == NULL_ACTION) | (latent == NULL_ACTION), NULL_ACTION, paired)
 
@@ -283,7 +287,5 @@ def paired_actions(actions: torch.Tensor, latent: torch.Tensor, num_latents: int
 def conditioning_actions(
     lam: LatentActionModel, video: torch.Tensor, actions: torch.Tensor, source: str
 ) -> torch.Tensor:
-    """The actions (B, T) a dynamics model of `source` latent or both is conditioned on, for a
-    uint8 clip (B, T, H, W, 3) with the data's `actions` (B, T)."""
-    latent = latent_conditioning(lam, video)
-    return latent if source == "latent" else paired_actions(actions, latent, lam.num_latents)
+    """conditioning_from_latent of what `lam` reads off a uint8 clip (B, T, H, W, 3)."""
+    return conditioning_from_latent(latent_conditioning(lam, video), actions, source, lam.num_latents)

@@ -30,7 +30,12 @@ from worldmodel.models.flops import (
     tokenizer_flops_per_token,
     tokenizer_parameters,
 )
-from worldmodel.models.lam import LatentActionConfig, LatentActionModel, latent_conditioning, paired_actions
+from worldmodel.models.lam import (
+    LatentActionConfig,
+    LatentActionModel,
+    conditioning_from_latent,
+    latent_conditioning,
+)
 from worldmodel.models.layers import STBlock
 from worldmodel.models.presets import preset
 from worldmodel.models.tokenizer import Tokenizer, TokenizerConfig
@@ -377,9 +382,9 @@ class DynamicsModule(WorldModelModule):
         if latent is None:
             with torch.autocast(self.device.type, enabled=False):  # fp32, as eval reads them
                 latent = latent_conditioning(self.lam, batch["video"])
-        if self.config.task.action_source == "latent":
-            return latent
-        return paired_actions(batch["actions"], latent, self.lam.num_latents)
+        return conditioning_from_latent(
+            latent, batch["actions"], self.config.task.action_source, self.lam.num_latents
+        )
 
     @property
     def tokenizer_config(self):
