@@ -71,7 +71,7 @@ def main() -> None:
         loss = run["losses"].get(last)
         difference = None if loss is None or reference is None else abs(loss - reference) / reference
         metrics = {metric.split("/")[1]: run[metric] for metric in METRICS}
-        result["runs"][name] = {**metrics, "loss": loss, "vs_ddp": difference}
+        result["runs"][name] = {**metrics, "loss": loss, "vs_ddp": difference, "losses": run["losses"]}
         cells = [
             shown(run["perf/tokens_per_s"], "{:.0f}"),
             shown(run["perf/clips_per_s"], "{:.1f}"),

@@ -7,8 +7,9 @@ loader's rate against what a training step consumes (part of benchmarks/gpu_chec
 
 Training steps are the dynamics stage's own (`Dynamics.training_loss` with clean context, bf16
 autocast, AdamW fused on CUDA, clipping) in a bare loop, on random tokens: 16 frames of 16x16
-tokens. The largest micro-batch is found by doubling until the GPU runs out of memory. Writes
-OUT_DIR/gpu_scale.json and prints a Markdown table.
+tokens. The largest micro-batch is found by doubling until the GPU runs out of memory or a step
+takes 1.5 s (the GPU is saturated long before). Writes OUT_DIR/gpu_scale.json and prints a
+Markdown table.
 """
 
 from __future__ import annotations
@@ -27,17 +28,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.generation import synchronize  # noqa: E402
 from worldmodel.models.dynamics import Dynamics  # noqa: E402
 from worldmodel.models.flops import dynamics_flops_per_token, dynamics_parameters  # noqa: E402
+from worldmodel.models.layers import STBlock  # noqa: E402
 from worldmodel.models.memory import training_memory  # noqa: E402
 from worldmodel.models.presets import preset  # noqa: E402
 from worldmodel.models.tokenizer import Tokenizer  # noqa: E402
 from worldmodel.training.callbacks import peak_flops  # noqa: E402
 
 
-def train_steps(config, batch: int, frames: int, grid: int, steps: int, device: torch.device) -> dict:
+def train_steps(model, optimizer, config, batch: int, frames: int, grid: int, steps: int) -> dict:
     """Seconds per training step after one warm-up step, and the peak memory allocated."""
-    torch.manual_seed(0)
-    model = Dynamics(config).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    device = next(model.parameters()).device
     tokens = torch.randint(0, config.vocab_size, (batch, frames, grid, grid), device=device)
     actions = torch.randint(0, config.num_actions, (batch, frames), device=device)
     generator = torch.Generator(device).manual_seed(0)
@@ -59,48 +59,74 @@ def train_steps(config, batch: int, frames: int, grid: int, steps: int, device: 
     return {"seconds_per_step": seconds, "peak_memory_bytes": peak}
 
 
-def largest_batch(config, frames: int, grid: int, device: torch.device, cap: int) -> int:
-    """The largest power-of-two micro-batch (up to `cap`) whose training step fits."""
+def largest_batch(model, optimizer, config, frames: int, grid: int, cap: int, long_step: float) -> int:
+    """The largest power-of-two micro-batch (up to `cap`) whose training step fits, or the first whose
+    step takes `long_step` seconds: by then the GPU is saturated and larger batches only cost time."""
     fits, batch = 0, 1
     while batch <= cap:
         try:
-            train_steps(config, batch, frames, grid, 1, device)
+            seconds = train_steps(model, optimizer, config, batch, frames, grid, 1)["seconds_per_step"]
         except torch.OutOfMemoryError:
+            optimizer.zero_grad(set_to_none=True)  # the failed step's gradients
             break
         finally:
-            if device.type == "cuda":
+            if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         fits, batch = batch, batch * 2
+        if seconds > long_step:
+            break
     return fits
 
 
-def dynamics_rows(sizes, frames, grid, device, steps, cap, vocab) -> list[dict]:
-    rows = []
+def dynamics_row(name, frames, grid, device, steps, cap, vocab, long_step, compile_blocks) -> dict:
+    """One preset at its largest micro-batch: eager, then (with `compile_blocks`) each ST block
+    compiled as `trainer.compile` does; peak memory (eager) against `worldmodel info`'s estimate."""
+    config = replace(preset(name), vocab_size=vocab, num_actions=18)
+    torch.manual_seed(0)
+    with device:  # built where it trains: initializing 0.5B parameters on the host takes longer
+        model = Dynamics(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    batch = largest_batch(model, optimizer, config, frames, grid, cap, long_step)
+    if not batch:
+        return {"model": name, "micro_batch": 0}
     peak = peak_flops(device) or float("nan")  # an unknown GPU: MFU not a number
-    for name in sizes:
-        config = replace(preset(name), vocab_size=vocab, num_actions=18)
-        batch = largest_batch(config, frames, grid, device, cap)
-        if not batch:
-            rows.append({"model": name, "micro_batch": 0})
-            continue
-        measured = train_steps(config, batch, frames, grid, steps, device)
-        tokens = batch * frames * grid * grid
+    flops = dynamics_flops_per_token(config, frames, grid * grid, clean_context=True)
+    tokens = batch * frames * grid * grid
+    row = {
+        "model": name,
+        "parameters": dynamics_parameters(config),
+        "micro_batch": batch,
+        "estimated_memory_bytes": training_memory(config, frames, grid * grid, batch, 1, "ddp").total,
+    }
+    runs = {"eager": False, "compiled": True} if compile_blocks else {"eager": False}
+    for run, compiled in runs.items():
+        if compiled:
+            for block in model.modules():
+                if isinstance(block, STBlock):
+                    block.compile()
+        measured = train_steps(model, optimizer, config, batch, frames, grid, steps)
         tokens_per_s = tokens / measured["seconds_per_step"]
-        flops = dynamics_flops_per_token(config, frames, grid * grid, clean_context=True)
-        estimate = training_memory(config, frames * grid * grid, batch, 1, "ddp", "bf16-mixed").total
-        rows.append(
-            {
-                "model": name,
-                "parameters": dynamics_parameters(config),
-                "micro_batch": batch,
-                "tokens_per_s": tokens_per_s,
-                "clips_per_s": batch / measured["seconds_per_step"],
-                "mfu": flops * tokens_per_s / peak,
-                "peak_memory_bytes": measured["peak_memory_bytes"],
-                "estimated_memory_bytes": estimate,
-            }
-        )
-    return rows
+        row[run] = {
+            "tokens_per_s": tokens_per_s,
+            "clips_per_s": batch / measured["seconds_per_step"],
+            "mfu": flops * tokens_per_s / peak,
+            "peak_memory_bytes": measured["peak_memory_bytes"],
+        }
+    return row
+
+
+def print_row(row: dict) -> None:
+    if not row["micro_batch"]:
+        print(f"| {row['model']} | does not fit | | | | |", flush=True)
+        return
+    cells = [row["model"], str(row["micro_batch"])]
+    for run in ("eager", "compiled"):
+        measured = row.get(run)
+        cells.append(f"{measured['tokens_per_s']:.0f} ({measured['mfu']:.1%})" if measured else "not run")
+    peak, estimate = row["eager"]["peak_memory_bytes"], row["estimated_memory_bytes"]
+    cells.append(f"{peak / 1e9:.2f} GB ({peak / estimate:.2f}x)" if peak else "n/a")
+    cells.append(f"{estimate / 1e9:.2f} GB")
+    print(f"| {' | '.join(cells)} |", flush=True)
 
 
 @torch.no_grad()
@@ -139,47 +165,47 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--data", default=None, help="a prepared folder for the loader (skipped without)")
     parser.add_argument("--tiny", action="store_true", help="CPU, tiny sizes")
+    parser.add_argument("--sizes", default="dynamics_s,dynamics_m,dynamics_l", help="dynamics presets")
+    parser.add_argument("--no-compile", action="store_true", help="eager only")
     args = parser.parse_args()
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # as training on a GPU: the fp32 logits in TF32
     if args.tiny:
-        sizes, frames, grid, steps, cap, vocab = ("dynamics_debug",), 4, 4, 2, 4, 1000
+        sizes, frames, grid, steps, cap, vocab, long_step = ("dynamics_debug",), 4, 4, 2, 4, 1000, 60.0
         encode = ("tokenizer_debug", 32, 4, 2)
     else:
-        sizes, frames, grid, steps, cap, vocab = (
-            ("dynamics_s", "dynamics_m", "dynamics_l"),
+        sizes, frames, grid, steps, cap, vocab, long_step = (
+            tuple(args.sizes.split(",")),
             16,
             16,
             5,
             256,
             64000,
+            1.5,
         )
         encode = ("tokenizer_m", 128, 16, 8)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    result["dynamics"] = dynamics_rows(sizes, frames, grid, device, steps, cap, vocab)
+    title = f"{frames} frames of {grid}x{grid} tokens, bf16, largest micro-batch"
+    print(
+        f"## Sizes ({result['device']}; {title})\n\n"
+        "| model | micro-batch | tokens/s (MFU), eager | tokens/s (MFU), compiled | peak memory, eager "
+        "| estimate (worldmodel info) |\n|---|---|---|---|---|---|",
+        flush=True,
+    )
+    result["dynamics"] = []
+    for name in sizes:
+        row = dynamics_row(name, frames, grid, device, steps, cap, vocab, long_step, not args.no_compile)
+        result["dynamics"].append(row)
+        print_row(row)
     result["tokenizer_encode_clips_per_s"] = {encode[0]: encode_clips_per_s(*encode, device)}
+    print(f"\ntokenizer encode: {result['tokenizer_encode_clips_per_s']}")
     if args.data:
         result["loader_clips_per_s"] = {"workers_8": loader_clips_per_s(Path(args.data), 8, frames, 10)}
+        print(f"loader: {result['loader_clips_per_s']} (against the clips/s above)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_scale.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(
-        f"## Sizes ({result['device']}; {frames} frames of {grid}x{grid} tokens, bf16, largest micro-batch)\n"
-    )
-    print("| model | micro-batch | tokens/s | clips/s | MFU | peak memory | estimate (worldmodel info) |")
-    print("|---|---|---|---|---|---|---|")
-    for row in result["dynamics"]:
-        if not row["micro_batch"]:
-            print(f"| {row['model']} | does not fit | | | | | |")
-            continue
-        peak = row["peak_memory_bytes"]
-        shown = f"{peak / 1e9:.2f} GB ({peak / row['estimated_memory_bytes']:.2f}x)" if peak else "n/a"
-        print(
-            f"| {row['model']} | {row['micro_batch']} | {row['tokens_per_s']:.0f} | {row['clips_per_s']:.1f} "
-            f"| {row['mfu']:.1%} | {shown} | {row['estimated_memory_bytes'] / 1e9:.2f} GB |"
-        )
-    print(f"\ntokenizer encode: {result['tokenizer_encode_clips_per_s']}")
-    if "loader_clips_per_s" in result:
-        print(f"loader: {result['loader_clips_per_s']} (against the clips/s above)")
 
 
 if __name__ == "__main__":

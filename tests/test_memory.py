@@ -1,13 +1,15 @@
 import contextlib
+import math
 
 import pytest
 import torch
 import torch.nn.attention
 
-from worldmodel.models.dynamics import Dynamics, DynamicsConfig
+from worldmodel.models.dynamics import HEAD_CHUNK_ROWS, Dynamics, DynamicsConfig
 from worldmodel.models.flops import dynamics_parameters
 from worldmodel.models.memory import (
     BLOCK_ACTIVATION_BYTES,
+    CHUNK_LOGIT_BYTES,
     activation_bytes,
     model_state_bytes,
     training_memory,
@@ -15,10 +17,8 @@ from worldmodel.models.memory import (
 from worldmodel.models.presets import preset
 
 
-def measured_saved_bytes(
-    config: DynamicsConfig, precision: str, tokens_shape=(2, 8, 8, 8)
-) -> tuple[int, int]:
-    """Bytes autograd keeps for backward in one forward + loss of the real module, and the token count."""
+def measured_saved_bytes(config: DynamicsConfig, precision: str, tokens_shape) -> int:
+    """Bytes autograd keeps for backward in one training loss (clean context) of the real module."""
     torch.manual_seed(0)
     model = Dynamics(config).train()
     tokens = torch.randint(0, config.vocab_size, tokens_shape)
@@ -41,37 +41,54 @@ def measured_saved_bytes(
     # The fused (flash) attention kernel, as on GPUs: it keeps no L x L attention matrix.
     flash = torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast, flash:
-        logits = model(tokens, actions)
-        torch.nn.functional.cross_entropy(logits.flatten(0, 3).float(), tokens.flatten())
-    return total, tokens.numel()
+        model.training_loss(tokens, actions, torch.Generator().manual_seed(0), clean_context=True)
+    return total
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 @pytest.mark.parametrize("checkpointing", [False, True])
-@pytest.mark.parametrize("dim, depth, heads, shape", [(128, 4, 4, (2, 8, 8, 8)), (96, 6, 3, (1, 12, 6, 5))])
+@pytest.mark.parametrize(
+    "dim, depth, heads, shape, conditioning",
+    [(128, 4, 4, (2, 8, 8, 8), "token"), (96, 6, 3, (1, 12, 6, 5), "add")],
+)
 def test_activation_estimate_matches_what_autograd_saves(
-    precision, checkpointing, dim, depth, heads, shape, monkeypatch
+    precision, checkpointing, dim, depth, heads, shape, conditioning, monkeypatch
 ):
     # As on GPUs: the fused kernel for every attention, short temporal ones too (on CPU those
-    # run as plain matmuls). The estimate counts grid tokens; "token" conditioning's one extra
-    # token per frame (0.4% at 16x16 tokens) is left out, so the summed action is measured here.
+    # run as plain matmuls).
     monkeypatch.setattr("worldmodel.models.layers.SHORT_SEQUENCE", 0)
     config = DynamicsConfig(
-        vocab_size=512,
+        vocab_size=4096,
         num_actions=4,
         dim=dim,
         depth=depth,
         heads=heads,
         checkpointing=checkpointing,
-        action_conditioning="add",
+        action_conditioning=conditioning,
     )
-    measured, tokens = measured_saved_bytes(config, precision, shape)
-    estimate = activation_bytes(config, tokens, precision, checkpointing)
-    if checkpointing:  # the recomputed block lives only during backward, not after the forward
-        estimate -= tokens * BLOCK_ACTIVATION_BYTES[precision] * config.dim
+    measured = measured_saved_bytes(config, precision, shape)
+    clips, frames, height, width = shape
+    estimate = activation_bytes(config, frames, height * width, clips, precision, checkpointing)
+    # Not saved by autograd, alive only in backward: the head's chunk of logits and, with
+    # checkpointing, the block being recomputed.
+    rows = min(clips * (frames - 1) * height * width * 2 / math.pi, HEAD_CHUNK_ROWS)
+    estimate -= rows * CHUNK_LOGIT_BYTES * config.vocab_size
+    if checkpointing:
+        entries = clips * (2 * frames - 1) * (height * width + (conditioning == "token"))
+        estimate -= entries * BLOCK_ACTIVATION_BYTES[precision] * config.dim
     assert estimate == pytest.approx(measured, rel=0.03 if precision == "32-true" else 0.08), (
-        estimate / tokens,
-        measured / tokens,
+        estimate,
+        measured,
+    )
+
+
+def test_the_heads_memory_does_not_grow_with_the_vocabulary():
+    """Chunked logits: what the loss saves is the same for a vocabulary of 512 and of 64000."""
+    small, large = (
+        DynamicsConfig(vocab_size=vocab, num_actions=4, dim=64, depth=2, heads=2) for vocab in (512, 64000)
+    )
+    assert measured_saved_bytes(small, "32-true", (1, 4, 8, 8)) == pytest.approx(
+        measured_saved_bytes(large, "32-true", (1, 4, 8, 8)), rel=0.01
     )
 
 
@@ -88,8 +105,8 @@ def test_zero_stages_shard_optimizer_then_gradients_then_weights():
 def test_seven_billion_needs_zero3_and_checkpointing_on_eight_80gb_gpus():
     config = preset("dynamics_7b")
     config.vocab_size = 64_000
-    tokens = 16 * 16 * 16  # 16 frames of 16x16 tokens
-    ddp = training_memory(config, tokens, 1, 8, "ddp", checkpointing=True)
-    zero3 = training_memory(config, tokens, 1, 8, "zero3", checkpointing=True)
+    # 16 frames of 16x16 tokens
+    ddp = training_memory(config, 16, 16 * 16, 1, 8, "ddp", checkpointing=True)
+    zero3 = training_memory(config, 16, 16 * 16, 1, 8, "zero3", checkpointing=True)
     assert ddp.weights + ddp.gradients + ddp.optimizer == 16 * dynamics_parameters(config)
     assert ddp.total > 80e9 > zero3.total

@@ -17,9 +17,13 @@ GUIDANCE_HELP = (
 
 
 def default_device(device: str | None) -> str:
+    """The device to run on; on a GPU, fp32 matmuls (the logits) run on tensor cores (TF32)."""
     import torch
 
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        torch.set_float32_matmul_precision("high")
+    return device
 
 
 def _add_shard_options(parser: argparse.ArgumentParser, frames: int, size: int) -> None:
@@ -314,7 +318,7 @@ def _info(args: argparse.Namespace) -> None:
     config = replace(config, vocab_size=args.vocab)
     grid = args.size // args.downsample
     tokens = args.frames * grid * grid
-    flops = dynamics_flops_per_token(config, args.frames, grid * grid)
+    flops = dynamics_flops_per_token(config, args.frames, grid * grid, clean_context=True)  # as trained
     step_tokens = tokens * args.micro_batch * args.gpus
     print(
         f"{args.model}: {dynamics_parameters(config) / 1e6:.1f}M parameters (width {config.dim}, depth "
@@ -329,7 +333,9 @@ def _info(args: argparse.Namespace) -> None:
     print("  ".join(f"{column:>11}" for column in header))
     for strategy in STRATEGIES:
         plain, checkpointed = (
-            training_memory(config, tokens, args.micro_batch, args.gpus, strategy, args.precision, ckpt)
+            training_memory(
+                config, args.frames, grid * grid, args.micro_batch, args.gpus, strategy, args.precision, ckpt
+            )
             for ckpt in (False, True)
         )
         fits = (

@@ -26,11 +26,15 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from worldmodel.data import NULL_ACTION
 from worldmodel.models.layers import KVCache, STTransformer, rotary_2d
 
 CONDITIONINGS = ("token", "add", "adaln")
+# Rows of logits alive at once in training: 4096 x 64000 fp32 logits are 1 GB, where all the
+# masked rows of a GPU batch (~80k for 32 clips of 16x16x16 tokens) would be 20 GB.
+HEAD_CHUNK_ROWS = 4096
 
 
 @dataclass
@@ -189,12 +193,27 @@ class Dynamics(nn.Module):
             hidden, _ = self.run(masked_tokens, leading, positions)
             hidden = hidden[:, 1:]  # frame 0 is never masked: (B, T - 1, h, w, D)
         scored = mask[:, 1:]
-        targets = tokens[:, 1:][scored]
-        logits = self.logits(hidden[scored])  # only where the loss is taken: (masked, V)
-        loss = F.cross_entropy(logits, targets) if scored.any() else hidden.sum() * 0
-        with torch.no_grad():
-            accuracy = (logits.argmax(-1) == targets).float().mean() if scored.any() else loss
+        loss, accuracy = self.head_loss(hidden[scored], tokens[:, 1:][scored])  # (masked, D), (masked,)
         return loss, {"masked_accuracy": accuracy, "masked_fraction": mask[:, 1:].float().mean()}
+
+    def head_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean cross-entropy and accuracy of the logits of hidden states (N, D) against targets (N,),
+        HEAD_CHUNK_ROWS rows at a time, each chunk's logits recomputed in backward rather than saved:
+        for a large vocabulary they would be the largest activation of the whole model."""
+        if not len(targets):
+            return hidden.sum() * 0, hidden.sum().detach() * 0
+        loss, correct = 0.0, 0
+        for start in range(0, len(targets), HEAD_CHUNK_ROWS):
+            rows = slice(start, start + HEAD_CHUNK_ROWS)
+            chunk_loss, chunk_correct = checkpoint(
+                self._chunk_loss, hidden[rows], targets[rows], use_reentrant=False
+            )
+            loss, correct = loss + chunk_loss, correct + chunk_correct
+        return loss / len(targets), correct.float() / len(targets)
+
+    def _chunk_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.logits(hidden)  # (rows, V) fp32
+        return F.cross_entropy(logits, targets, reduction="sum"), (logits.argmax(-1) == targets).sum()
 
     def _noised(self, tokens: torch.Tensor, level: float, generator) -> torch.Tensor:
         if level <= 0:

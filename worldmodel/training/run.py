@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -138,6 +139,10 @@ def build_trainer(config: TrainConfig) -> L.Trainer:
             )
         )
     in_slurm = "SLURM_JOB_ID" in os.environ and "SLURM_NTASKS" in os.environ
+    if trainer_config.accelerator == "gpu":
+        # The fp32 matmuls (the logits over the vocabulary, the frozen tokenizer) on tensor cores
+        # as TF32: fp32 accumulation and output, several times the speed of plain fp32.
+        torch.set_float32_matmul_precision("high")
     return L.Trainer(
         accelerator=trainer_config.accelerator,
         devices=trainer_config.devices,
