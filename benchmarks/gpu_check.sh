@@ -71,11 +71,11 @@ data="${GPU_CHECK_DATA:-$work/sample}"
 [[ -n "${GPU_CHECK_DATA:-}" ]] || check sample 300 "$python" -m worldmodel.cli prepare sample --out "$data"
 
 steps=30 strategy_steps=12 size=dynamics_s compiled=true device=cuda frames=8
-scale=() rollout=()
+scale=(--profile dynamics_l) rollout=()
 gpu=(trainer=gpu trainer.devices=1 data.num_workers=4)
 if [[ -n "${GPU_CHECK_TINY:-}" ]]; then
     steps=3 strategy_steps=3 size=dynamics_debug compiled=false device=cpu frames=4
-    scale=(--tiny --no-compile) rollout=(--grid 4 --context 2 --frames 2 --window 4)
+    scale=(--tiny --no-compile --profile dynamics_debug) rollout=(--grid 4 --context 2 --frames 2 --window 4)
     gpu=(trainer=cpu trainer.devices=1 data.num_workers=1 data.frames=4 data.global_batch_size=2)
 fi
 gpu+=(logger=csv data.root="$data" trainer.max_steps=$steps trainer.log_every_n_steps=1

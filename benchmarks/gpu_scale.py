@@ -78,9 +78,10 @@ def largest_batch(model, optimizer, config, frames: int, grid: int, cap: int, lo
     return fits
 
 
-def dynamics_row(name, frames, grid, device, steps, cap, vocab, long_step, compile_blocks) -> dict:
+def dynamics_row(name, frames, grid, device, steps, cap, vocab, long_step, compile_blocks, profile) -> dict:
     """One preset at its largest micro-batch: eager, then (with `compile_blocks`) each ST block
-    compiled as `trainer.compile` does; peak memory (eager) against `worldmodel info`'s estimate."""
+    compiled as `trainer.compile` does; peak memory (eager) against `worldmodel info`'s estimate.
+    With `profile`, the last run's kernels by their own time (`row["profile"]`, a table)."""
     config = replace(preset(name), vocab_size=vocab, num_actions=18)
     torch.manual_seed(0)
     with device:  # built where it trains: initializing 0.5B parameters on the host takes longer
@@ -112,7 +113,21 @@ def dynamics_row(name, frames, grid, device, steps, cap, vocab, long_step, compi
             "mfu": flops * tokens_per_s / peak,
             "peak_memory_bytes": measured["peak_memory_bytes"],
         }
+    if profile:
+        row["profile"] = profiled_step(model, optimizer, config, batch, frames, grid)
     return row
+
+
+def profiled_step(model, optimizer, config, batch: int, frames: int, grid: int) -> str:
+    """Where a training step's time goes: the operators of two steps by their own device time."""
+    device = next(model.parameters()).device
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        train_steps(model, optimizer, config, batch, frames, grid, 1)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=key, row_limit=25)
 
 
 def print_row(row: dict) -> None:
@@ -167,6 +182,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="CPU, tiny sizes")
     parser.add_argument("--sizes", default="dynamics_s,dynamics_m,dynamics_l", help="dynamics presets")
     parser.add_argument("--no-compile", action="store_true", help="eager only")
+    parser.add_argument("--profile", default="", help="a preset whose step is profiled (after its runs)")
     args = parser.parse_args()
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     if device.type == "cuda":
@@ -193,11 +209,16 @@ def main() -> None:
         "| estimate (worldmodel info) |\n|---|---|---|---|---|---|",
         flush=True,
     )
-    result["dynamics"] = []
+    result["dynamics"], profiles = [], {}
     for name in sizes:
-        row = dynamics_row(name, frames, grid, device, steps, cap, vocab, long_step, not args.no_compile)
-        result["dynamics"].append(row)
+        compiled, profiled = not args.no_compile, name == args.profile
+        row = dynamics_row(name, frames, grid, device, steps, cap, vocab, long_step, compiled, profiled)
         print_row(row)
+        if profiled:
+            profiles[name] = row.pop("profile")
+        result["dynamics"].append(row)
+    for name, table in profiles.items():
+        print(f"\n### Profile of one {name} step (two steps, by own device time)\n\n```\n{table}\n```")
     result["tokenizer_encode_clips_per_s"] = {encode[0]: encode_clips_per_s(*encode, device)}
     print(f"\ntokenizer encode: {result['tokenizer_encode_clips_per_s']}")
     if args.data:
