@@ -108,7 +108,7 @@ latent-stages: setup
 		--context 4 --horizon 8 --clips 128 --steps 4 --guidance 1 --out $(LAM_OUT)/eval $(ATARI_EVAL)
 
 test: setup procgen-env
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -73,7 +73,10 @@ class WorldModelModule(L.LightningModule):
     """The shared training path; subclasses define `net`, `compute_loss` and `preview`."""
 
     def __init__(self, config: TrainConfig, net_config):
+        """`net_config`: the architecture (a resumed checkpoint's or today's preset); activation
+        checkpointing is a training choice, not architecture, so today's config sets it."""
         super().__init__()
+        net_config.checkpointing = config.model.checkpointing
         self.config = config
         self.net_config = net_config
         self.net: nn.Module | None = None  # built in configure_model
@@ -245,9 +248,7 @@ class TokenizerModule(WorldModelModule):
 
     def __init__(self, config: TrainConfig, recorded: dict | None = None):
         """`recorded`: the architecture a resumed checkpoint holds (wins over today's preset)."""
-        tokenizer_config = TokenizerConfig(**recorded) if recorded else preset(config.model.preset)
-        tokenizer_config.checkpointing = config.model.checkpointing
-        super().__init__(config, tokenizer_config)
+        super().__init__(config, TokenizerConfig(**recorded) if recorded else preset(config.model.preset))
 
     def build_net(self) -> Tokenizer:
         return Tokenizer(self.net_config)
@@ -277,9 +278,7 @@ class LatentActionModule(WorldModelModule):
 
     def __init__(self, config: TrainConfig, recorded: dict | None = None):
         """`recorded`: the architecture a resumed checkpoint holds (wins over today's preset)."""
-        lam_config = LatentActionConfig(**recorded) if recorded else preset(config.model.preset)
-        lam_config.checkpointing = config.model.checkpointing
-        super().__init__(config, lam_config)
+        super().__init__(config, LatentActionConfig(**recorded) if recorded else preset(config.model.preset))
 
     def build_net(self) -> LatentActionModel:
         return LatentActionModel(self.net_config)
@@ -331,7 +330,6 @@ class DynamicsModule(WorldModelModule):
                 dynamics_config.num_actions = lam.num_latents * (num_actions if both else 1)
             if config.model.action_conditioning is not None:
                 dynamics_config.action_conditioning = config.model.action_conditioning
-        dynamics_config.checkpointing = config.model.checkpointing
         super().__init__(config, dynamics_config)
         # Frozen and kept out of the module tree: not trained, not sharded, not in the state dict
         # (they travel in the checkpoint's "tokenizer" and "lam" entries instead).
