@@ -315,6 +315,29 @@ def test_compiled_blocks_train_under_zero3_and_fsdp_with_the_losses_of_eager_ddp
 
 
 @pytest.mark.slow
+def test_zero3_in_bf16_starts_from_the_weights_every_other_strategy_starts_from(sample_dir, tmp_path):
+    """`deepspeed.zero.Init` creates ZeRO-3's parameters in bf16; initialized there, some values
+    differ from the fp32 initialization that ZeRO-2 (and DDP, FSDP2) round. Drawn in fp32 they are
+    the same weights, and ZeRO-3 logs ZeRO-2's losses (its gathered weights meet other CPU kernels:
+    ~1e-5 apart; initialized in bf16, 3e-3 apart by the second step)."""
+    losses = {}
+    for strategy in ("deepspeed_zero2", "deepspeed_zero3"):
+        result = train(
+            tmp_path / strategy,
+            f"strategy={strategy}",
+            "trainer.precision=bf16-mixed",
+            "trainer.max_steps=2",
+            "trainer.checkpoint_every_n_steps=0",
+            sample_dir=sample_dir,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses[strategy] = logged(tmp_path / strategy, "train/loss")
+    assert sorted(losses["deepspeed_zero3"]) == [0, 1]
+    for step, loss in losses["deepspeed_zero2"].items():
+        assert losses["deepspeed_zero3"][step] == pytest.approx(loss, rel=1e-4), step
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["deepspeed_zero3", "fsdp"])
 def test_export_consolidates_a_sharded_checkpoint_into_ddp_equal_weights(parity_runs, tmp_path, strategy):
     import subprocess

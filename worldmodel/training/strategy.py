@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -55,6 +57,41 @@ class WorldModelDeepSpeedStrategy(AtomicFolderSaves, DeepSpeedStrategy):
         # its device rank (plain "cpu" has index None): give each CPU process an indexed device.
         self.parallel_devices = [torch.device("cpu", index) for index in range(len(self.parallel_devices))]
         DDPStrategy.setup_environment(self)  # everything but the CUDA check
+
+    @contextmanager
+    def model_sharded_context(self) -> Iterator[None]:
+        """ZeRO-3 builds the network inside `deepspeed.zero.Init`, which creates the parameters in
+        the training dtype; initialized there in bf16, ~0.15% of every weight's values came out
+        other than the fp32 initialization rounded (some by the whole init range), so ZeRO-3 began
+        from other weights than every other strategy. Drawn in fp32, it begins from the same
+        (the weights of ZeRO-1/2, built in fp32, are untouched)."""
+        with super().model_sharded_context(), initial_draws_in_fp32():
+            yield
+
+
+@contextmanager
+def initial_draws_in_fp32() -> Iterator[None]:
+    """Random initialization (`Tensor.uniform_`, `Tensor.normal_`, what nn.Linear, nn.Embedding
+    and the convolutions use) of a half-precision tensor is drawn in fp32 and rounded into it:
+    the same values as initializing in fp32 and casting, from the same random stream."""
+    originals = {name: getattr(torch.Tensor, name) for name in ("uniform_", "normal_")}
+
+    def in_fp32(draw):
+        def drawn(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            if tensor.dtype not in (torch.bfloat16, torch.float16):
+                return draw(tensor, *args, **kwargs)
+            # .float() rather than a factory: zero.Init's factories would make it bf16 again
+            return tensor.copy_(draw(tensor.float(), *args, **kwargs))
+
+        return drawn
+
+    for name, draw in originals.items():
+        setattr(torch.Tensor, name, in_fp32(draw))
+    try:
+        yield
+    finally:
+        for name, draw in originals.items():
+            setattr(torch.Tensor, name, draw)
 
 
 class WorldModelFSDPStrategy(AtomicFolderSaves, ModelParallelStrategy):
