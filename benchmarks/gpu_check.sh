@@ -13,11 +13,10 @@
 #                micro-batch that fits (found by doubling): tokens/s, MFU, peak memory against
 #                `worldmodel info`'s estimate; tokenizer_m encode clips/s at 128x128; the loader's
 #                clips/s with 8 workers (is decoding the bottleneck?)
-#   strategy_*   dynamics_s (99M parameters) in bf16 under DDP, ZeRO-2, ZeRO-3 and FSDP2, eager first,
-#                compiled later: tokens/s, MFU, peak memory, loss beside DDP's (benchmarks/gpu_report.py
-#                writes them to gpu-<date>-<gpu>.json and a table in gpu_check.md)
-#   dynamics     30 steps of the demo dynamics model on that tokenizer, compiled
-#   eval         worldmodel eval of the dynamics checkpoint on the GPU (KV-cached rollouts)
+#   strategy_*   dynamics_s in bf16 on the demo tokenizer under DDP, ZeRO-2, ZeRO-3 and FSDP2, eager
+#                first, compiled later: tokens/s, MFU, peak memory, loss beside DDP's
+#                (benchmarks/gpu_report.py writes them to gpu-<date>-<gpu>.json and a table)
+#   eval         worldmodel eval of eager DDP's checkpoint on the GPU (KV-cached rollouts)
 #   rollout      benchmarks/generation.py on the GPU: rollout frames/s with and without the KV cache
 #   tokenize     worldmodel tokenize on the GPU, then 30 dynamics steps from the token shards
 # Wheels the machine lacks may be carried in .whl/ (installed offline, --no-deps); GPU_CHECK_DATA
@@ -84,9 +83,11 @@ gpu+=(logger=csv data.root="$data" trainer.max_steps=$steps trainer.log_every_n_
 tokenizer="$work/tokenizer/checkpoints/last.ckpt"
 strategy_run() {  # strategy_run STRATEGY COMPILED: 12 bf16 steps of dynamics_s under that strategy
     local name="strategy_${1}$([[ $2 == true ]] && echo _compiled)"
+    local saves=0  # eager DDP's checkpoint is the one eval reads
+    [[ $name == strategy_ddp ]] && saves=$strategy_steps
     check "$name" 120 "$python" train.py experiment=demo_dynamics "${gpu[@]}" run_dir="$work/$name" \
         model=$size trainer.max_steps=$strategy_steps trainer.val_every_n_steps=1000 \
-        trainer.video_every_n_steps=0 trainer.checkpoint_every_n_steps=0 strategy=$1 \
+        trainer.video_every_n_steps=0 trainer.checkpoint_every_n_steps=$saves strategy=$1 \
         trainer.compile=$2 task.tokenizer_checkpoint="$tokenizer"
     echo "  $name: $(grep -o 'optimizer: .*' "$out/$name.log" 2> /dev/null | head -1)" >> "$report"
 }
@@ -97,10 +98,7 @@ echo "  tokenizer: MFU $(last_metric "$work/tokenizer" perf/mfu), clips/s $(last
 check scale 180 "$python" benchmarks/gpu_scale.py "$out" --data "$data" "${scale[@]}"
 grep -E '^(##|\||tokenizer|loader)' "$out/scale.log" >> "$report" 2> /dev/null
 for strategy in $strategies; do strategy_run $strategy false; done
-check dynamics 150 "$python" train.py experiment=demo_dynamics "${gpu[@]}" run_dir="$work/dynamics" \
-    task.tokenizer_checkpoint="$tokenizer"
-echo "  dynamics: MFU $(last_metric "$work/dynamics" perf/mfu), clips/s $(last_metric "$work/dynamics" perf/clips_per_s)" >> "$report"
-check eval 120 "$python" -m worldmodel.cli eval "$work/dynamics/checkpoints/last.ckpt" --data "$data" \
+check eval 120 "$python" -m worldmodel.cli eval "$work/strategy_ddp/checkpoints/last.ckpt" --data "$data" \
     --context $((frames / 2)) --horizon $((frames / 2)) --clips 16 --device $device --out "$out/eval"
 check rollout 90 "$python" benchmarks/generation.py --model $size --device $device "${rollout[@]}"
 grep -E '^\|' "$out/rollout.log" >> "$report" 2> /dev/null
