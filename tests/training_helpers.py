@@ -53,8 +53,13 @@ def preempted_and_resumed(
     process = start_training(cut_dir, *overrides, sample_dir=sample_dir)
     deadline = time.time() + 120
     while time.time() < deadline and max(logged(cut_dir, "train/loss"), default=-1) < after_step:
-        time.sleep(0.2)
+        time.sleep(0.01)
+    # Frozen at once (SIGSTOP acts in the kernel, not at a step boundary): a run of small steps
+    # cannot finish between this seeing the step and the preemption. SIGTERM then takes effect at
+    # the next step boundary once it runs again.
+    process.send_signal(signal.SIGSTOP)
     process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGCONT)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 0 and "preempted at step" in output, output[-2000:]
     stopped_at = int(output.split("preempted at step ")[1].split(";")[0])
