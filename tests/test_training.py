@@ -353,8 +353,11 @@ def test_export_consolidates_a_sharded_checkpoint_into_ddp_equal_weights(parity_
     exported = load_tokenizer(out).state_dict()
     ddp = net_state_dict(read_checkpoint(parity_runs["ddp"] / "checkpoints" / "last.ckpt"))
     assert exported.keys() == ddp.keys()
+    # Summed in another order, a gradient can tip one Adam update (lr 3e-4) a little: 3.3e-6 was
+    # seen. A consolidation error (a shard misplaced, one left at its initial values) moves weights
+    # by their own scale, 1e-3 and more.
     for name, value in ddp.items():
-        torch.testing.assert_close(exported[name], value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(exported[name], value, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.slow
