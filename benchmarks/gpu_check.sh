@@ -96,7 +96,8 @@ strategies="ddp deepspeed_zero2 deepspeed_zero3 fsdp"
 check tokenizer 150 "$python" train.py experiment=demo_tokenizer "${gpu[@]}" run_dir="$work/tokenizer"
 echo "  tokenizer: MFU $(last_metric "$work/tokenizer" perf/mfu), clips/s $(last_metric "$work/tokenizer" perf/clips_per_s)" >> "$report"
 check scale 180 "$python" benchmarks/gpu_scale.py "$out" --data "$data" "${scale[@]}"
-grep -E '^(##|\||tokenizer|loader)' "$out/scale.log" >> "$report" 2> /dev/null
+grep -E '^(## |\||tokenizer|loader)' "$out/scale.log" >> "$report" 2> /dev/null
+grep -q '^### Profile' "$out/scale.log" 2> /dev/null && echo "  profile of a compiled step, by operator: scale.log" >> "$report"
 for strategy in $strategies; do strategy_run $strategy false; done
 check eval 120 "$python" -m worldmodel.cli eval "$work/strategy_ddp/checkpoints/last.ckpt" --data "$data" \
     --context $((frames / 2)) --horizon $((frames / 2)) --clips 16 --device $device --out "$out/eval"

@@ -224,3 +224,21 @@ def test_a_bf16_network_computes_its_logits_and_loss_in_fp32_and_agrees_with_fp3
 
     # Stated tolerance: 1% (measured: 0.27%, the rest of the bf16 network's rounding).
     assert mean_loss(pure).item() == pytest.approx(mean_loss(model).item(), rel=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_chunked_head_loss_is_the_cross_entropy_of_all_rows_at_once(monkeypatch, dtype):
+    torch.manual_seed(0)
+    model = Dynamics(DEBUG).to(dtype)
+    hidden = torch.randn(23, DEBUG.dim, dtype=dtype, requires_grad=True)  # 7 + 7 + 7 + 2 rows
+    targets = torch.randint(0, DEBUG.vocab_size, (23,))
+    expected = torch.nn.functional.cross_entropy(model.logits(hidden), targets)
+    expected_grads = torch.autograd.grad(expected, (hidden, model.head.weight))
+    monkeypatch.setattr("worldmodel.models.dynamics.HEAD_CHUNK_ROWS", 7)
+    loss, accuracy = model.head_loss(hidden, targets)
+    grads = torch.autograd.grad(loss, (hidden, model.head.weight))
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    assert accuracy == (model.logits(hidden).argmax(-1) == targets).float().mean()
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        # bf16: the weight's gradient is summed over the chunks in fp32 and rounded once.
+        torch.testing.assert_close(grad, expected_grad, rtol=0 if dtype == torch.float32 else 1e-2, atol=1e-6)

@@ -131,12 +131,15 @@ class Dynamics(nn.Module):
         grid = hidden[:, :, : height * width]  # the action token, if any, is not predicted
         return rearrange(grid, "b f (h w) d -> b f h w d", h=height), kv  # (B, F, h, w, D)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Hidden states (..., D) -> logits (..., V), computed in fp32 whatever the training
-        precision (bf16 autocast or DeepSpeed's pure bf16): logits of a few units carry only 2-3
-        significant digits in bf16, enough to move the cross-entropy and MaskGIT's choices."""
+    def logits(self, hidden: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states (..., D) -> logits (..., V), in fp32 whatever the training precision
+        (bf16 autocast or DeepSpeed's pure bf16): logits of a few units carry only 2-3
+        significant digits in bf16, enough to move the cross-entropy and MaskGIT's choices. (On
+        GPUs, TF32 rounds the matmul's inputs; it accumulates and returns fp32.) `weight`: the
+        head's weight already in fp32 (head_loss casts it once for all its chunks)."""
+        weight = self.head.weight.float() if weight is None else weight  # (V, D)
         with torch.autocast(hidden.device.type, enabled=False):
-            return F.linear(hidden.float(), self.head.weight.float())
+            return F.linear(hidden.float(), weight)
 
     def forward(self, tokens: torch.Tensor, actions: torch.Tensor, window: int | None = None) -> torch.Tensor:
         """Token ids (B, T, h, w) (mask_id where masked) + actions (B, T) -> logits (B, T, h, w, V).
@@ -194,7 +197,7 @@ class Dynamics(nn.Module):
             hidden = hidden[:, 1:]  # frame 0 is never masked: (B, T - 1, h, w, D)
         scored = mask[:, 1:]
         loss, accuracy = self.head_loss(hidden[scored], tokens[:, 1:][scored])  # (masked, D), (masked,)
-        return loss, {"masked_accuracy": accuracy, "masked_fraction": mask[:, 1:].float().mean()}
+        return loss, {"masked_accuracy": accuracy, "masked_fraction": scored.float().mean()}
 
     def head_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean cross-entropy and accuracy of the logits of hidden states (N, D) against targets (N,),
@@ -202,17 +205,24 @@ class Dynamics(nn.Module):
         for a large vocabulary they would be the largest activation of the whole model."""
         if not len(targets):
             return hidden.sum() * 0, hidden.sum().detach() * 0
+        # Cast once, outside the chunks: with bf16 weights (DeepSpeed, FSDP2) the chunks' weight
+        # gradients then add up in fp32 and are rounded to bf16 once, not once per chunk. The
+        # recomputation reads this copy, never the (possibly resharded) parameter.
+        weight = self.head.weight.float()  # (V, D); the parameter itself when it is fp32
         loss, correct = 0.0, 0
-        for start in range(0, len(targets), HEAD_CHUNK_ROWS):
-            rows = slice(start, start + HEAD_CHUNK_ROWS)
+        for chunk, chunk_targets in zip(
+            hidden.split(HEAD_CHUNK_ROWS), targets.split(HEAD_CHUNK_ROWS), strict=True
+        ):  # (<= HEAD_CHUNK_ROWS, D), (<= HEAD_CHUNK_ROWS,)
             chunk_loss, chunk_correct = checkpoint(
-                self._chunk_loss, hidden[rows], targets[rows], use_reentrant=False
+                self._chunk_loss, chunk, chunk_targets, weight, use_reentrant=False, preserve_rng_state=False
             )
             loss, correct = loss + chunk_loss, correct + chunk_correct
         return loss / len(targets), correct.float() / len(targets)
 
-    def _chunk_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.logits(hidden)  # (rows, V) fp32
+    def _chunk_loss(
+        self, hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.logits(hidden, weight)  # (rows, V) fp32
         return F.cross_entropy(logits, targets, reduction="sum"), (logits.argmax(-1) == targets).sum()
 
     def _noised(self, tokens: torch.Tensor, level: float, generator) -> torch.Tensor:

@@ -68,30 +68,32 @@ def materialize(net: nn.Module, constants: dict[str, torch.Tensor], device: torc
     for name, value in constants.items():
         owner, _, attribute = name.rpartition(".")
         getattr(net.get_submodule(owner), attribute).copy_(value)
-    initialize_as_constructed(net)
+    initialize_as_constructed(net, device)
 
 
 @torch.no_grad()
-def initialize_as_constructed(net: nn.Module) -> None:
-    """Draw every parameter as constructing `net` under the current RNG state would have.
+def initialize_as_constructed(net: nn.Module, device: torch.device = torch.device("cpu")) -> None:
+    """Draw every parameter as constructing `net` on `device` under the current RNG state would have.
 
     Modules are reset in registration order (the order the constructors ran in, which the test of
-    this function checks for each network), each on full-size plain CPU tensors that are then
-    sliced into the rank's shard. Modules that set their own initial values after their children's
-    (`reset_parameters_after_children`) do so last."""
-    for module in net.modules():
-        own = dict(module.named_parameters(recurse=False))
-        reset = getattr(module, "reset_parameters", None)
-        if not own or not callable(reset):
-            continue
-        # On the CPU, whatever the device: values drawn from the CPU generator, as a normal build
-        # (on the CPU, then moved) draws them.
-        full = {name: nn.Parameter(torch.empty(p.shape, dtype=p.dtype)) for name, p in own.items()}
-        module._parameters.update(full)  # reset draws into the full tensors
-        reset()
-        module._parameters.update(own)
-        for name, parameter in own.items():
-            _assign(parameter, full[name].data)
+    this function checks for each network), each on full-size plain tensors on `device` that are
+    then sliced into the rank's shard. Modules that set their own initial values after their
+    children's (`reset_parameters_after_children`) do so last."""
+    # On the device the rank trains on, from its generator: Lightning builds every other
+    # strategy's network there (its `tensor_init_context` enters the root device), so on a GPU
+    # the values come from the CUDA generator, not the CPU's.
+    with device:
+        for module in net.modules():
+            own = dict(module.named_parameters(recurse=False))
+            reset = getattr(module, "reset_parameters", None)
+            if not own or not callable(reset):
+                continue
+            full = {name: nn.Parameter(torch.empty(p.shape, dtype=p.dtype)) for name, p in own.items()}
+            module._parameters.update(full)  # reset draws into the full tensors
+            reset()
+            module._parameters.update(own)
+            for name, parameter in own.items():
+                _assign(parameter, full[name].data)
     for module in net.modules():
         after = getattr(module, "reset_parameters_after_children", None)
         if callable(after):

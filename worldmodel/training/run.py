@@ -139,9 +139,10 @@ def build_trainer(config: TrainConfig) -> L.Trainer:
             )
         )
     in_slurm = "SLURM_JOB_ID" in os.environ and "SLURM_NTASKS" in os.environ
-    if trainer_config.accelerator == "gpu":
-        # The fp32 matmuls (the logits over the vocabulary, the frozen tokenizer) on tensor cores
-        # as TF32: fp32 accumulation and output, several times the speed of plain fp32.
+    if trainer_config.accelerator == "gpu" and trainer_config.precision != "32-true":
+        # The fp32 matmuls of a bf16 run (the logits over the vocabulary, the frozen tokenizer)
+        # on tensor cores as TF32: fp32 accumulation and output, several times the speed of plain
+        # fp32. A run that asked for 32-true keeps full fp32 everywhere.
         torch.set_float32_matmul_precision("high")
     return L.Trainer(
         accelerator=trainer_config.accelerator,

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, rollouts of checkpoints against held-out clips, reports."""

@@ -1,0 +1,1 @@
+"""The two networks of the world model, free of training and distribution code."""

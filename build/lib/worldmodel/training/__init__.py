@@ -1,0 +1,1 @@
+"""Training: Lightning modules, strategies, checkpoints and callbacks around the models."""
