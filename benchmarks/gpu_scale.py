@@ -97,7 +97,9 @@ def dynamics_row(name, frames, grid, device, steps, cap, vocab, long_step, compi
         "model": name,
         "parameters": dynamics_parameters(config),
         "micro_batch": batch,
-        "estimated_memory_bytes": training_memory(config, frames, grid * grid, batch, 1, "ddp").total,
+        "estimated_memory_bytes": training_memory(
+            config, frames=frames, tokens_per_frame=grid * grid, micro_batch=batch, gpus=1, strategy="ddp"
+        ).total,
     }
     runs = {"eager": False, "compiled": True} if compile_blocks else {"eager": False}
     for run, compiled in runs.items():

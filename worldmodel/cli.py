@@ -334,7 +334,14 @@ def _info(args: argparse.Namespace) -> None:
     for strategy in STRATEGIES:
         plain, checkpointed = (
             training_memory(
-                config, args.frames, grid * grid, args.micro_batch, args.gpus, strategy, args.precision, ckpt
+                config,
+                frames=args.frames,
+                tokens_per_frame=grid * grid,
+                micro_batch=args.micro_batch,
+                gpus=args.gpus,
+                strategy=strategy,
+                precision=args.precision,
+                checkpointing=ckpt,
             )
             for ckpt in (False, True)
         )

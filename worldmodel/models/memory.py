@@ -33,8 +33,10 @@ PRECISIONS = ("32-true", "bf16-mixed")
 # fp32: 112.7 for every shape tried; bf16 autocast: 64-72 depending on the attention kernel's
 # sequence lengths (CPU fused attention), so the middle of that range.
 BLOCK_ACTIVATION_BYTES = {"32-true": 112.7, "bf16-mixed": 68.0}
-RESIDUAL_BYTES = 4.0  # the residual stream stays fp32 under autocast; so do the final norm's input
-HEAD_ROW_BYTES = 4.0  # and its output, gathered at the masked rows, per unit of width
+# Per token and unit of width: the residual stream and the final norm's input, fp32 under autocast.
+RESIDUAL_BYTES = 4.0
+# Per masked row and unit of width: the final norm's output gathered at the rows the head scores.
+HEAD_ROW_BYTES = 4.0
 CHUNK_LOGIT_BYTES = 12.0  # per row and vocabulary entry: fp32 logits, log-softmax and gradient
 
 
@@ -70,6 +72,7 @@ def model_state_bytes(
 
 def activation_bytes(
     config: DynamicsConfig,
+    *,
     frames: int,
     tokens_per_frame: int,
     clips: int,
@@ -95,6 +98,7 @@ def activation_bytes(
 
 def training_memory(
     config: DynamicsConfig,
+    *,
     frames: int,
     tokens_per_frame: int,
     micro_batch: int,
@@ -106,6 +110,12 @@ def training_memory(
 ) -> MemoryEstimate:
     weights, gradients, optimizer = model_state_bytes(dynamics_parameters(config), strategy, precision, gpus)
     activations = activation_bytes(
-        config, frames, tokens_per_frame, micro_batch, precision, checkpointing, clean_context
+        config,
+        frames=frames,
+        tokens_per_frame=tokens_per_frame,
+        clips=micro_batch,
+        precision=precision,
+        checkpointing=checkpointing,
+        clean_context=clean_context,
     )
     return MemoryEstimate(weights, gradients, optimizer, activations)
