@@ -1,1 +1,0 @@
-"""Evaluation: metrics, rollouts of checkpoints against held-out clips, reports."""

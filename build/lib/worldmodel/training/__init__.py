@@ -1,1 +1,0 @@
-"""Training: Lightning modules, strategies, checkpoints and callbacks around the models."""
