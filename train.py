@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from worldmodel.config import ConfigError
 from worldmodel.training.checkpoint import CheckpointError
-from worldmodel.training.run import fit, prepare, to_train_config
+from worldmodel.training.run import fit, leave_process_group, prepare, to_train_config
 
 # configs/hydra/launcher/submitit_*.yaml keep the launcher plugin's names (hydra/launcher=submitit_slurm)
 # and set every field; Hydra checks them against the plugin's schema and warns that it does.
@@ -28,6 +28,7 @@ def main(composed: DictConfig) -> None:
         print(f"config error: {error}", file=sys.stderr)
         sys.exit(2)
     fit(config, *prepared)
+    leave_process_group()  # a clean end (preempted or done); errors leave by exception
 
 
 if __name__ == "__main__":

@@ -538,13 +538,13 @@ def test_gradients_are_clipped_under_bf16_autocast(tmp_path, sample_dir):
 
 def test_a_run_that_ends_cleanly_leaves_its_process_group(tmp_path, sample_dir):
     """Left joined, gloo's threads can abort a finished rank at interpreter shutdown (seen: a
-    2-task SLURM job FAILED after its last step). A one-rank group stands in for the launcher's."""
+    2-task SLURM job FAILED after its last step). train.py's main, run in-process on composed
+    overrides; a one-rank group stands in for the launcher's."""
     import torch.distributed as dist
 
-    from worldmodel.training.run import run
+    import train as entry
 
-    store = dist.HashStore()
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         overrides = (
             "experiment=demo_tokenizer",
@@ -553,7 +553,7 @@ def test_a_run_that_ends_cleanly_leaves_its_process_group(tmp_path, sample_dir):
             f"data.root={sample_dir}",
         )
         overrides += ("data.frames=4", "data.num_workers=0", "trainer.video_every_n_steps=0")
-        run(to_train_config(composed(*overrides, "trainer.max_steps=2", "trainer.val_every_n_steps=1000")))
+        entry.main.__wrapped__(composed(*overrides, "trainer.max_steps=2", "trainer.val_every_n_steps=1000"))
         assert not dist.is_initialized()
     finally:
         if dist.is_initialized():

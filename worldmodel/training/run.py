@@ -211,7 +211,6 @@ def fit(config: TrainConfig, data, module, trainer: L.Trainer, ckpt_path: str | 
             if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
                 # Leave without a result, as submitit does: its launcher waits for the requeued job.
                 raise SystemExit(-1) from None
-        leave_process_group()
         return trainer
     except NonFiniteError as error:
         if trainer.is_global_zero:
@@ -223,15 +222,15 @@ def fit(config: TrainConfig, data, module, trainer: L.Trainer, ckpt_path: str | 
         summarize(config, data, module, trainer)
     if trainer.is_global_zero:
         print(f"done: {trainer.global_step} steps; checkpoints in {checkpoints}")
-    leave_process_group()
     return trainer
 
 
 def leave_process_group() -> None:
-    """After a clean end, each rank leaves its process group while the interpreter is still whole:
-    gloo's threads holding work when it shuts down abort the process (seen: a rank of a finished
-    2-task SLURM job died of SIGABRT, "terminate called without an active exception", and the job
-    ended FAILED). Never after an error: a rank still inside a collective would hang the others."""
+    """What a training process does last after a clean end (train.py): each rank leaves its process
+    group while the interpreter is still whole. gloo's threads holding work when it shuts down
+    abort the process (seen: a rank of a finished 2-task SLURM job died of SIGABRT, "terminate
+    called without an active exception", and the job ended FAILED). Never after an error: a rank
+    still inside a collective would hang the others."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
