@@ -66,24 +66,39 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(difference @ difference + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(root))
 
 
-def action_agreement(latent: torch.Tensor, true: torch.Tensor) -> dict[str, float]:
+def action_agreement(latent: torch.Tensor, true: torch.Tensor, shuffles: int = 16) -> dict[str, float]:
     """How much latent action ids say about the true action ids of the same transitions (both
     (N,)): normalized mutual information (0: nothing, 1: one determines the other; torchmetrics,
     arithmetic normalization), and the accuracy of the best latent-to-true mapping (each latent
     action read as the true action it most often comes with) beside the majority action's share,
-    the accuracy of knowing nothing."""
+    the accuracy of knowing nothing. Both scores are biased upward on a finite sample (8 latent
+    against 18 uniform true actions over 448 transitions score NMI ~0.06 when unrelated), so each
+    comes with its chance level: its mean over `shuffles` pairings of the same ids at random."""
+    latent, true = latent.flatten().long().cpu(), true.flatten().long().cpu()
+    nmi, mapping = _agreement(latent, true)
+    generator = torch.Generator().manual_seed(0)
+    chance = torch.tensor(
+        [_agreement(latent, true[torch.randperm(len(true), generator=generator)]) for _ in range(shuffles)]
+    ).mean(0)  # (2,): NMI and mapping accuracy of unrelated ids with these frequencies
+    counts = torch.bincount(true)
+    return {
+        "nmi": nmi,
+        "nmi_chance": float(chance[0]),
+        "mapping_accuracy": mapping,
+        "mapping_chance": float(chance[1]),
+        "majority_accuracy": float(counts.max() / len(true)),
+    }
+
+
+def _agreement(latent: torch.Tensor, true: torch.Tensor) -> tuple[float, float]:
+    """NMI and best-mapping accuracy of latent against true ids (both (N,))."""
     import warnings
 
     from torchmetrics.functional.clustering import normalized_mutual_info_score
 
-    latent, true = latent.flatten().long().cpu(), true.flatten().long().cpu()
     with warnings.catch_warnings():  # torchmetrics' sparse contingency table warns on every call
         warnings.filterwarnings("ignore", "Sparse invariant checks")
         nmi = float(normalized_mutual_info_score(latent, true))
     table = torch.zeros(int(latent.max()) + 1, int(true.max()) + 1)
     table.index_put_((latent, true), torch.ones(len(latent)), accumulate=True)  # (latent, true) counts
-    return {
-        "nmi": nmi,
-        "mapping_accuracy": float(table.max(dim=1).values.sum() / len(latent)),
-        "majority_accuracy": float(table.sum(dim=0).max() / len(latent)),
-    }
+    return nmi, float(table.max(dim=1).values.sum() / len(latent))

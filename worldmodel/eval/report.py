@@ -454,11 +454,13 @@ def agreement_lines(agreement: dict | None) -> list[str]:
         return []
     lines = [
         "Latent actions against the true ones (NMI: 0 = unrelated, 1 = one determines the other;",
-        "accuracy of the best latent-to-true mapping, and of always guessing the commonest action):",
+        "accuracy of the best latent-to-true mapping, and of always guessing the commonest action;",
+        "chance: the same ids paired at random, what unrelated actions score on this many transitions):",
     ]
     for source, values in {**agreement["by_source"], "all": agreement}.items():
         lines.append(
-            f"{source[-18:]:<18} NMI {values['nmi']:.3f}  mapping {values['mapping_accuracy']:.3f}  "
+            f"{source[-18:]:<18} NMI {values['nmi']:.3f} (chance {values['nmi_chance']:.3f})  "
+            f"mapping {values['mapping_accuracy']:.3f} (chance {values['mapping_chance']:.3f})  "
             f"majority {values['majority_accuracy']:.3f}  ({values['transitions']} transitions)"
         )
     return lines
