@@ -5,6 +5,7 @@
     python benchmarks/atari_diagnostics.py policy      # copy-last and still frames per hold length
     python benchmarks/atari_diagnostics.py step-time   # a teacher-forced dynamics_xs step, fp32 / bf16
     python benchmarks/atari_diagnostics.py oracle DATA [--tokenizer CKPT]  # the emulator as a perfect model
+    python benchmarks/atari_diagnostics.py reach       # how many pixels one action changes, and when
 
 DATA: the prepared folder `make atari` recorded (outputs/atari/data).
 
@@ -17,6 +18,9 @@ frames of 16x16 tokens, clean context) with the fused attention kernel and with 
 short temporal attention, in fp32 and under bf16 autocast. oracle: the emulator restored to each
 val clip's last context frame and stepped under the recorded and under random actions: how much
 the actions change the screen, and the ΔtPSNR of a model perfect up to the tokenizer's tokens.
+reach: from states along a random-action episode, the emulator stepped once under each of the 18
+actions and then under the same random actions: the share of 64x64 pixels that differ between
+two such branches 1..4 frames later (what a latent action model has to see an action by).
 """
 
 from __future__ import annotations
@@ -180,6 +184,40 @@ def oracle(data: str, tokenizer: str | None, context: int = 4, horizon: int = 8,
             print(f"  {'ΔtPSNR ceiling':<28}" + "".join(f"{ceiling[h - 1]:8.2f}" for h in (1, 2, 4, 8)))
 
 
+def reach(branch_points: int = 18, later: int = 3) -> None:
+    import numpy as np
+
+    from worldmodel.data.sources.atari import FULL_ACTION_SET_SIZE, AtariSettings, make_env
+    from worldmodel.data.video import resize_frame
+
+    settings = AtariSettings()
+    draw = np.random.default_rng(0)
+    for game in ("Boxing", "Riverraid"):
+        env = make_env(game, settings)
+        env.reset(seed=1)
+        ale = env.unwrapped.ale
+        changed = []  # per branch point: (later + 1,) shares of pixels differing between branches
+        for step in range(20 + 10 * branch_points):  # a branch point every 10 steps after the first 20
+            if step >= 20 and step % 10 == 0:
+                state = ale.cloneState()
+                after = draw.integers(0, FULL_ACTION_SET_SIZE, later).tolist()
+                branches = []  # (actions, later + 1, H, W, 3)
+                for first in range(FULL_ACTION_SET_SIZE):
+                    ale.restoreState(state)
+                    branches.append(
+                        [resize_frame(env.step(a)[0], settings.size, settings.size) for a in [first, *after]]
+                    )
+                ale.restoreState(state)
+                frames = np.asarray(branches, dtype=np.int16)
+                differ = (frames[:, None] != frames[None]).any(-1)  # (actions, actions, later + 1, H, W)
+                pairs = FULL_ACTION_SET_SIZE * (FULL_ACTION_SET_SIZE - 1)  # two different actions
+                changed.append(differ.mean(axis=(3, 4)).sum(axis=(0, 1)) / pairs)
+            env.step(int(draw.integers(0, FULL_ACTION_SET_SIZE)))
+        env.close()
+        shares = " / ".join(f"{100 * share:.1f}%" for share in np.mean(changed, axis=0))
+        print(f"{game:<10} pixels that one action changes, 1..{later + 1} frames later: {shares}")
+
+
 def step_time() -> None:
     import worldmodel.models.layers as layers
     from worldmodel.models.dynamics import Dynamics
@@ -222,6 +260,7 @@ def main() -> None:
     oracle_command = commands.add_parser("oracle")
     oracle_command.add_argument("data")
     oracle_command.add_argument("--tokenizer", help="a tokenizer checkpoint: the ceiling through its tokens")
+    commands.add_parser("reach")
     commands.add_parser("step-time")
     args = parser.parse_args()
     if args.command == "actions":
@@ -232,6 +271,8 @@ def main() -> None:
         policy()
     elif args.command == "oracle":
         oracle(args.data, args.tokenizer)
+    elif args.command == "reach":
+        reach()
     else:
         step_time()
 

@@ -1,0 +1,45 @@
+#!/bin/bash
+# `make atari-long` on one GPU machine without a package index (a short device lease): the same
+# recipe and steps as on 2 CPU cores (README "Results on Atari"), run through the Makefile itself
+# with the machine's Python standing in for the project's venv, then `worldmodel eval` of every
+# checkpoint of the learning curve (horizon 4, as the README's table).
+#
+#   bash benchmarks/atari_long_gpu.sh [OUT_DIR]     # default: $OUT (the device tool's folder) or outputs/atari-long-gpu
+#
+# Wheels the machine lacks (ale-py and gymnasium for the recording among them) may be carried in
+# .whl/ (installed offline, --no-deps). ATARI_LONG_TINY=1 runs a few steps of everything on the CPU
+# (how the tests keep it working).
+set -eu
+cd "$(dirname "$0")/.."
+out="${1:-${OUT:-outputs/atari-long-gpu}}"
+python="$(command -v "${PYTHON:-python}")"
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" > /dev/null; then
+    "$python" -m pip install --quiet --no-index --no-deps .whl/*.whl
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=offline PYTHONUNBUFFERED=1
+
+# The Makefile runs $(BIN)/python and $(BIN)/worldmodel, and builds the venv only when
+# $(BIN)/worldmodel is missing or older than pyproject.toml: a fresh folder of two stand-ins is neither.
+bin="$(mktemp -d)"
+ln -s "$python" "$bin/python"
+printf '#!/bin/sh\nexec "%s" -m worldmodel.cli "$@"\n' "$python" > "$bin/worldmodel"
+chmod +x "$bin/worldmodel"
+
+train="trainer.accelerator=gpu trainer.devices=1 trainer.compile=true data.num_workers=8 logger=csv"
+record="--workers $(nproc)"
+scored=(--device cuda --clips 128)
+tiny=()
+if [[ -n "${ATARI_LONG_TINY:-}" ]]; then
+    train="trainer.accelerator=cpu data.num_workers=1 logger=csv"
+    record="--workers 2 --val-fraction 0.5"
+    scored=(--device cpu --clips 4)
+    tiny=(EPISODES=2 MAX_STEPS=40 ATARI_TOKENIZER="trainer.max_steps=2"
+        ATARI_DYNAMICS="trainer.max_steps=4 trainer.checkpoint_every_n_steps=2")
+fi
+make atari-long BIN="$bin" OUT="$out" ATARI_RECORD="$record" ATARI_TRAIN="$train" ATARI_EVAL="${scored[*]}" "${tiny[@]}"
+
+for checkpoint in "$out"/dynamics/checkpoints/step*.ckpt; do  # the learning curve, as the README's table
+    "$bin/worldmodel" eval "$checkpoint" --data "$out/data" --context 4 --horizon 4 --steps 4 --guidance 1 \
+        "${scored[@]}" --out "$out/eval_$(basename "$checkpoint" .ckpt)"
+done
