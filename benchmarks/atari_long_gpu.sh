@@ -21,10 +21,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" WANDB_MODE=offline PYTHONUNB
 
 # The Makefile runs $(BIN)/python and $(BIN)/worldmodel, and builds the venv only when
 # $(BIN)/worldmodel is missing or older than pyproject.toml: a fresh folder of two stand-ins is neither.
+# (Scripts, not links: a link to a venv's interpreter would start it outside its venv.)
 bin="$(mktemp -d)"
-ln -s "$python" "$bin/python"
+printf '#!/bin/sh\nexec "%s" "$@"\n' "$python" > "$bin/python"
 printf '#!/bin/sh\nexec "%s" -m worldmodel.cli "$@"\n' "$python" > "$bin/worldmodel"
-chmod +x "$bin/worldmodel"
+chmod +x "$bin/python" "$bin/worldmodel"
 
 train="trainer.accelerator=gpu trainer.devices=1 trainer.compile=true data.num_workers=8 logger=csv"
 record="--workers $(nproc)"
@@ -39,7 +40,6 @@ if [[ -n "${ATARI_LONG_TINY:-}" ]]; then
 fi
 make atari-long BIN="$bin" OUT="$out" ATARI_RECORD="$record" ATARI_TRAIN="$train" ATARI_EVAL="${scored[*]}" "${tiny[@]}"
 
-for checkpoint in "$out"/dynamics/checkpoints/step*.ckpt; do  # the learning curve, as the README's table
-    "$bin/worldmodel" eval "$checkpoint" --data "$out/data" --context 4 --horizon 4 --steps 4 --guidance 1 \
-        "${scored[@]}" --out "$out/eval_$(basename "$checkpoint" .ckpt)"
-done
+# the learning curve, as the README's table: a report per checkpoint in eval_curve/, side by side in comparison.md
+"$bin/worldmodel" eval "$out"/dynamics/checkpoints/step*.ckpt --data "$out/data" --context 4 --horizon 4 \
+    --steps 4 --guidance 1 "${scored[@]}" --out "$out/eval_curve"

@@ -1,6 +1,8 @@
-"""benchmarks/gpu_check.sh, the one script for a real GPU, kept working by running it on the CPU
-with tiny settings (GPU_CHECK_TINY=1): every check but the GPU's own (nvidia-smi) passes and the
-strategy table and its JSON are written."""
+"""The scripts for a real GPU, kept working by running them on the CPU with tiny settings:
+benchmarks/gpu_check.sh (GPU_CHECK_TINY=1): every check but the GPU's own (nvidia-smi) passes and
+the strategy table and its JSON are written; benchmarks/atari_long_gpu.sh (ATARI_LONG_TINY=1):
+`make atari-long` runs through the Makefile without the project's venv and every checkpoint of
+the learning curve is scored."""
 
 import json
 import os
@@ -36,3 +38,26 @@ def test_gpu_check_runs_every_check_on_the_cpu_with_tiny_settings(tmp_path):
     assert set(runs) == {"ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp"}
     for name, run in runs.items():  # one device, the same seed: every strategy trains alike
         assert run["tokens_per_s"] > 0 and run["vs_ddp"] < 1e-4, (name, run)
+
+
+def test_atari_long_gpu_runs_make_atari_long_without_a_venv_and_scores_every_checkpoint(tmp_path):
+    env = {**os.environ, "ATARI_LONG_TINY": "1", "PYTHON": sys.executable}
+    out = tmp_path / "atari-long"
+    result = subprocess.run(
+        ["bash", "benchmarks/atari_long_gpu.sh", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "-m venv" not in result.stdout  # the Makefile took the stand-ins for its venv, built none
+    curve = {
+        Path(json.loads(path.read_text())["checkpoint"]).name: json.loads(path.read_text())
+        for path in (out / "eval_curve").glob("*/metrics.json")
+    }
+    assert sorted(curve) == ["step0000002.ckpt", "step0000004.ckpt"], sorted(curve)
+    assert (out / "eval_curve" / "comparison.md").exists()
+    last = json.loads((out / "eval" / "last.ckpt" / "metrics.json").read_text())
+    assert all(report["clips"] == 4 for report in [last, *curve.values()])
