@@ -29,7 +29,7 @@ chmod +x "$bin/python" "$bin/worldmodel"
 
 train="trainer.accelerator=gpu trainer.devices=1 trainer.compile=true data.num_workers=8 logger=csv"
 record="--workers $(nproc)"
-scored=(--device cuda --clips 128)
+scored=(--device cuda --clips 128 --batch-size 32)  # wider rollout batches on a GPU
 tiny=()
 if [[ -n "${ATARI_LONG_TINY:-}" ]]; then
     train="trainer.accelerator=cpu data.num_workers=1 logger=csv"
