@@ -1,14 +1,18 @@
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import webdataset as wds
 
 from tests.conftest import good_sample, moving_frames, npy_bytes, write_shard
 from tests.test_video import _over_report_frame_count
+from worldmodel.data import pipeline
 from worldmodel.data.pipeline import SKIP_CAUSES, ClipLoader, ClipSpec, ClipStream, TooManyBadSamples
 from worldmodel.data.shards import shard_paths
 from worldmodel.data.video import LOSSLESS, encode_mp4
@@ -77,6 +81,26 @@ def test_every_rank_gets_the_same_number_of_batches(sample_dir):
     urls = shard_paths(sample_dir, "train")[:1]  # fewer shards than streams
     counts = [len(take(train_loader(urls, rank, 3, 2, batches=4), 1)) for rank in range(3)]
     assert counts == [4, 4, 4]
+
+
+def test_loader_workers_outlive_a_stop_signal_sent_to_every_process_of_the_job(sample_dir, monkeypatch):
+    # A scheduler signals the whole job; the main process must be able to finish its step and
+    # checkpoint, so the workers that feed it must not die (torch's workers arm SIGTERM themselves).
+    monkeypatch.setattr(pipeline, "_WORKERS_DEAF_TO", pipeline._WORKERS_DEAF_TO)  # restored after
+    pipeline.start_worker_server(deaf_to=(signal.SIGTERM,))
+    batches = iter(train_loader(shard_paths(sample_dir, "train"), 0, 1, workers=2, batches=8))
+    next(batches)
+    workers = [
+        child
+        for child in psutil.Process().children(recursive=True)
+        if "forkserver" in " ".join(child.parent().cmdline()) and child.pid != os.getpid()
+    ]
+    assert len(workers) == 2
+    for worker in workers:
+        worker.send_signal(signal.SIGTERM)
+    time.sleep(1)
+    assert all(worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE for worker in workers)
+    assert len(list(batches)) == 7
 
 
 @pytest.mark.parametrize("root", ["sample_dir", "atari_dir"])

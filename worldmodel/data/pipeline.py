@@ -20,6 +20,7 @@ minimum was read), so all-bad shards stop the run too.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -48,6 +49,10 @@ WORKER_CONTEXT = multiprocessing.get_context("forkserver")
 WORKER_CONTEXT.set_forkserver_preload([__name__])
 
 
+# The signals that start_worker_server made the loader's helpers deaf to (see there).
+_WORKERS_DEAF_TO: tuple[int, ...] = ()
+
+
 def start_worker_server(deaf_to: tuple[int, ...]) -> None:
     """Start the workers' forkserver (and the resource tracker it needs) ignoring the signals
     `deaf_to`. A scheduler signals every process of a job (SLURM's SIGUSR1 before the limit,
@@ -55,13 +60,25 @@ def start_worker_server(deaf_to: tuple[int, ...]) -> None:
     finishes its step and checkpoints: by default SIGUSR1/2 kill them, and the main process then
     fails at a random point with "DataLoader worker exited unexpectedly". An ignored signal stays
     ignored across fork and exec, so the server, the tracker and every worker forked later ignore
-    these; the workers still end with the main process (torch's workers watch their parent)."""
+    these; the workers still end with the main process (torch's workers watch their parent).
+    Except SIGTERM: each torch worker installs its own SIGTERM handler when it starts (dying
+    unless its parent sent it), so `_stay_deaf` ignores these signals again in every worker."""
+    global _WORKERS_DEAF_TO
+    _WORKERS_DEAF_TO = tuple(deaf_to)
     previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in deaf_to}
     try:
         multiprocessing.forkserver.ensure_running()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _stay_deaf(signums: tuple[int, ...], worker_id: int) -> None:
+    """A loader worker's init (it runs after torch armed its signal handlers): ignore `signums`
+    again. A worker killed by a job-wide SIGTERM while handing a batch over made the main process
+    fail (ConnectionResetError) before it could checkpoint: seen in a preemption test."""
+    for signum in signums:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 SKIP_CAUSES = ("tar", "json", "corrupt", "video", "tokens", "actions")
@@ -527,6 +544,7 @@ class ClipLoader:
             # activation memory, each reused it and copied it (6 GB per worker measured with
             # dynamics_xs). A forkserver forks them from a small, clean process instead.
             multiprocessing_context=WORKER_CONTEXT if self.num_workers else None,
+            worker_init_fn=functools.partial(_stay_deaf, _WORKERS_DEAF_TO),
             # page-locked batches: the copy to a GPU runs asynchronously (Lightning moves
             # batches with non_blocking=True), overlapping the step before
             pin_memory=self.pin_memory,
