@@ -67,6 +67,8 @@ atari: setup
 # The same recipe trained longer (README "Results on Atari": the learning curve says why): 3x the
 # tokenizer's steps, 8x the dynamics model's, a checkpoint every 1300 steps for the curve. About
 # 6 hours on 2 CPU cores; on a GPU add ATARI_TRAIN="trainer.accelerator=gpu trainer.devices=1".
+# Interrupted, it continues with ATARI_TRAIN=resume=last: the recording is seeded (made again
+# byte for byte), a finished stage resumes as done, the unfinished one from its newest checkpoint.
 atari-long:
 	$(MAKE) atari OUT=$(if $(filter outputs/atari,$(OUT)),outputs/atari-long,$(OUT)) \
 		ATARI_TOKENIZER="trainer.max_steps=3000 $(ATARI_TOKENIZER)" \
