@@ -6,6 +6,8 @@
     python benchmarks/atari_diagnostics.py step-time   # a teacher-forced dynamics_xs step, fp32 / bf16
     python benchmarks/atari_diagnostics.py oracle DATA [--tokenizer CKPT]  # the emulator as a perfect model
     python benchmarks/atari_diagnostics.py reach       # how many pixels one action changes, and when
+    python benchmarks/atari_diagnostics.py identifiable  # how much any latent action can say about the action
+    python benchmarks/atari_diagnostics.py inverse DATA  # can the LAM encoder see the action when taught it?
 
 DATA: the prepared folder `make atari` recorded (outputs/atari/data).
 
@@ -21,6 +23,16 @@ the actions change the screen, and the ΔtPSNR of a model perfect up to the toke
 reach: from states along a random-action episode, the emulator stepped once under each of the 18
 actions and then under the same random actions: the share of 64x64 pixels that differ between
 two such branches 1..4 frames later (what a latent action model has to see an action by).
+identifiable: from states along random-action episodes, the emulator stepped once under each of
+the 18 actions; actions whose next frames are equal cannot be told apart by anything that sees
+frames t and t + 1 (a LAM's encoder). Under uniformly random actions that bounds inverse dynamics
+(best accuracy: distinct outcomes / 18) and the mutual information between any latent action and
+the true one (log 18 minus the mean log size of the action's group), and so the NMI eval reports
+(arithmetic: 2 I / (H(true) + H(latent)), with H(latent) >= I and, for 8 codes, I <= log 8).
+inverse: lam_xs's encoder and a linear probe on its latent trained on the recorded actions
+themselves (inverse dynamics: cross-entropy alone, 3 passes over 200 training batches of 8 clips x
+8 frames), with the patches' features averaged or max-pooled and with or without the frames'
+difference as input; accuracy on 30 held-out batches (chance 1/18).
 """
 
 from __future__ import annotations
@@ -247,6 +259,98 @@ def step_time() -> None:
             print(f"{'bf16' if bf16 else 'fp32'}, temporal attention by {path}: {seconds:.2f} s/step")
 
 
+def identifiable(episodes: int = 3, every: int = 5, max_steps: int = 500) -> None:
+    import math
+
+    import numpy as np
+
+    from worldmodel.data.sources.atari import FULL_ACTION_SET_SIZE, AtariSettings, make_env
+    from worldmodel.data.video import resize_frame
+
+    settings = AtariSettings()
+    actions = FULL_ACTION_SET_SIZE
+    draw = np.random.default_rng(0)
+    for game in ("Boxing", "Riverraid"):
+        outcomes, information = [], []  # per branch point: distinct next frames, I(action; next frame)
+        for episode in range(episodes):
+            env = make_env(game, settings)
+            env.reset(seed=episode + 1)
+            ale = env.unwrapped.ale
+            for step in range(max_steps):
+                if step % every == 0:
+                    state = ale.cloneState()
+                    nexts = []
+                    for action in range(actions):
+                        ale.restoreState(state)
+                        nexts.append(
+                            resize_frame(env.step(action)[0], settings.size, settings.size).tobytes()
+                        )
+                    ale.restoreState(state)
+                    sizes = np.unique(nexts, return_counts=True)[1]  # (groups,) actions per distinct frame
+                    outcomes.append(len(sizes))
+                    information.append(math.log(actions) - float((sizes * np.log(sizes)).sum()) / actions)
+                _, _, terminated, truncated, _ = env.step(int(draw.integers(0, actions)))
+                if terminated or truncated:
+                    break
+            env.close()
+        entropy, mutual = math.log(actions), float(np.mean(information))
+        eight = min(mutual, math.log(8))
+        print(
+            f"{game:<10} {len(outcomes)} states: distinct next frames {np.mean(outcomes):.2f} of {actions} "
+            f"(best inverse-dynamics accuracy {np.mean(outcomes) / actions:.3f}); I(action; next frame) "
+            f"{mutual:.3f} of {entropy:.3f} nats; NMI at most {2 * mutual / (entropy + mutual):.3f} "
+            f"(8 codes: {2 * eight / (entropy + eight):.3f})"
+        )
+
+
+def inverse(data: str, batches: int = 200, passes: int = 3) -> None:
+    import itertools
+    from dataclasses import replace
+
+    import torch.nn.functional as F
+
+    from worldmodel.config import DataConfig
+    from worldmodel.data.datamodule import VideoDataModule
+    from worldmodel.models.lam import LatentActionModel
+    from worldmodel.models.presets import preset
+
+    def transitions(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch["video"], batch["actions"][:, :-1].flatten()  # action t leads frame t to t + 1
+
+    loader = VideoDataModule(
+        DataConfig(root=data, frames=8, num_workers=0, batches_per_epoch=batches), rank=0, world_size=1
+    )
+    loader.setup("fit")
+    train = [transitions(b) for b in itertools.islice(loader.train_dataloader(), batches)]
+    val = [transitions(b) for b in itertools.islice(loader.val_dataloader(), 30)]
+    actions = read_index(data)["num_actions"]
+    for pool, difference in (("mean", False), ("max", False), ("max", True)):
+        torch.manual_seed(0)
+        config = replace(preset("lam_xs"), pool=pool, frame_difference=difference, probe_actions=actions)
+        model = LatentActionModel(config)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+        def read(video: torch.Tensor, model=model) -> torch.Tensor:
+            return model.probe(model.encode(model.pixels(video)).flatten(0, 1))  # (B * (T - 1), actions)
+
+        accuracies = []
+        for _ in range(passes):
+            for video, truth in train:
+                loss = F.cross_entropy(read(video), truth)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            with torch.no_grad():
+                right = sum(int((read(video).argmax(-1) == truth).sum()) for video, truth in val)
+            accuracies.append(right / sum(len(truth) for _, truth in val))
+        seen = "frames t, t + 1" + (" and their difference" if difference else "")
+        print(
+            f"{pool:>4} pooling, {seen:<38} held-out accuracy after each pass: "
+            + " / ".join(f"{accuracy:.3f}" for accuracy in accuracies)
+            + f" (chance {1 / actions:.3f})"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -261,6 +365,8 @@ def main() -> None:
     oracle_command.add_argument("data")
     oracle_command.add_argument("--tokenizer", help="a tokenizer checkpoint: the ceiling through its tokens")
     commands.add_parser("reach")
+    commands.add_parser("identifiable")
+    commands.add_parser("inverse").add_argument("data")
     commands.add_parser("step-time")
     args = parser.parse_args()
     if args.command == "actions":
@@ -273,6 +379,10 @@ def main() -> None:
         oracle(args.data, args.tokenizer)
     elif args.command == "reach":
         reach()
+    elif args.command == "identifiable":
+        identifiable()
+    elif args.command == "inverse":
+        inverse(args.data)
     else:
         step_time()
 

@@ -6,20 +6,27 @@ latent action, leaves the latent actions meaningless)."""
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import moving_frames
-from tests.test_action_conditioning import as_frames, sprite_world
-from tests.training_helpers import logged, preempted_and_resumed
+from tests.test_action_conditioning import FRAMES, MOVES, as_frames, sprite_world
+from tests.training_helpers import composed, logged, preempted_and_resumed
+from worldmodel.config import ConfigError
+from worldmodel.data.datamodule import VideoDataModule
 from worldmodel.data.video import encode_mp4
 from worldmodel.eval.metrics import action_agreement
 from worldmodel.models.lam import LatentActionConfig, LatentActionModel, LatentCodebook
 from worldmodel.training.checkpoint import load_lam, read_checkpoint
+from worldmodel.training.modules import labelled
+from worldmodel.training.run import build_module, to_train_config
 
-SPRITE_LAM = LatentActionConfig(num_latents=8, latent_dim=8, patch=4, dim=32, depth=1, heads=2)
+SPRITE_LAM = LatentActionConfig(
+    num_latents=8, latent_dim=8, patch=4, dim=32, depth=1, heads=2, pool="max", frame_difference=True
+)
 
 
 class SeesTheNextFrame(LatentActionModel):
@@ -112,11 +119,13 @@ def assert_resumed_exactly(full: Path, cut: Path, stopped_at: int, expected: dic
 def test_a_preempted_lam_run_resumes_exactly(tmp_path, atari_dir):
     full, cut = tmp_path / "full", tmp_path / "cut"
     stopped_at, expected, after = preempted_and_resumed(
-        full, cut, "task=lam", "model=lam_debug", *RESUMED, sample_dir=atari_dir
+        full, cut, "task=lam", "model=lam_debug", "task.labelled_share=0.5", *RESUMED, sample_dir=atari_dir
     )
-    final = assert_resumed_exactly(full, cut, stopped_at, expected, after)
-    assert bool(final["state_dict"]["net.codebook.started"])
-    assert logged(cut, "train/perplexity") and logged(cut, "train/codebook_usage")
+    final = assert_resumed_exactly(full, cut, stopped_at, expected, after)  # the probe's weights included
+    assert bool(final["state_dict"]["net.codebook.started"]) and "net.probe.weight" in final["state_dict"]
+    assert (
+        logged(cut, "train/perplexity") and logged(cut, "train/codebook_usage") and logged(cut, "train/probe")
+    )
 
 
 @pytest.mark.slow
@@ -252,3 +261,69 @@ def test_a_model_of_both_sources_takes_one_id_per_true_and_latent_pair(
     assert driven.returncode == 0, driven.stderr[-3000:]
     alone = worldmodel("generate", *common, "--actions", "3,1", "--out", str(tmp_path / "b.mp4"))
     assert alone.returncode != 0 and "drive it with --actions and --latent-actions" in alone.stderr
+
+
+def agent_among_distractors(clips: int, generator: torch.Generator, distractors: int = 8):
+    """uint8 frames (clips, FRAMES, 32, 32, 3) of a red 2x2-pixel agent that each action moves by
+    2 pixels and `distractors` green blobs of its size moving at random; the actions (clips, FRAMES)."""
+    cells = 16
+    position = torch.randint(0, cells, (clips, 1 + distractors, 2), generator=generator)  # agent first
+    actions = torch.randint(0, len(MOVES), (clips, FRAMES), generator=generator)
+    grid = torch.zeros(clips, FRAMES, cells, cells, 3, dtype=torch.uint8)
+    clip = torch.arange(clips)
+    for t in range(FRAMES):
+        for blob in range(1 + distractors):
+            grid[clip, t, position[:, blob, 0], position[:, blob, 1], min(blob, 1)] = 255
+        moves = MOVES[torch.randint(0, len(MOVES), (clips, 1 + distractors), generator=generator)]
+        moves[:, 0] = MOVES[actions[:, t]]
+        position = (position + moves) % cells
+    return grid.repeat_interleave(2, 2).repeat_interleave(2, 3), actions  # (clips, FRAMES, 32, 32, 3)
+
+
+def probe_accuracy_after_training(pool: str, steps: int = 150) -> float:
+    """An encoder and its probe taught every action directly (the labels weigh as much as the frames)."""
+    torch.manual_seed(0)
+    model = LatentActionModel(replace(SPRITE_LAM, pool=pool, frame_difference=True, probe_actions=len(MOVES)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        video, actions = agent_among_distractors(32, generator)
+        loss, _ = model.training_loss(video, generator, actions, label_weight=1.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    video, actions = agent_among_distractors(256, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        read = model.probe(model.encode(model.pixels(video))).argmax(-1)  # (256, FRAMES - 1)
+    return float((read == actions[:, :-1]).float().mean())
+
+
+def test_an_encoder_taught_the_actions_reads_a_small_agent_only_when_it_keeps_the_strongest_motion():
+    """Averaged over the patches, the agent's few moving pixels drown: on Atari an encoder taught
+    the recorded actions themselves stayed at chance (README "Latent actions")."""
+    assert probe_accuracy_after_training("max") > 0.9
+    assert probe_accuracy_after_training("mean") < 0.5  # chance: 0.25
+
+
+def test_labelled_clips_are_a_fixed_share_chosen_by_key():
+    keys = [f"Boxing_ep{episode:05d}_{start:06d}" for episode in range(100) for start in range(0, 400, 16)]
+    chosen = labelled(keys, 0.1)
+    assert chosen == labelled(keys, 0.1)  # the same clips every epoch and on every rank
+    assert abs(sum(chosen) / len(keys) - 0.1) < 0.02
+    assert not any(labelled(keys, 0.0)) and all(labelled(keys, 1.0))
+    more = labelled(keys, 0.5)
+    assert all(wider for narrower, wider in zip(chosen, more, strict=True) if narrower)  # shares nest
+
+
+def test_labels_need_a_latent_action_stage_and_data_with_actions(tmp_path, sample_dir):
+    base = (f"run_dir={tmp_path}", "task=lam", "model=lam_debug")
+    for overrides, field in (
+        (("task.labelled_share=1.5",), "task.labelled_share"),
+        (("task=tokenizer", "model=tokenizer_debug", "task.labelled_share=0.1"), "task.labelled_share"),
+        (("task.label_weight=-1",), "task.label_weight"),
+    ):
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            to_train_config(composed(*base, f"data.root={sample_dir}", *overrides))
+    config = to_train_config(composed(*base, f"data.root={sample_dir}", "task.labelled_share=0.1"))
+    with pytest.raises(ConfigError, match=r"task\.labelled_share: .* records no actions"):
+        build_module(config, VideoDataModule(config.data), None)

@@ -144,6 +144,10 @@ class TaskConfig:
     # dynamics: the share of training clips whose actions are all hidden (the null action), so
     # the model also learns the action-free prediction that guidance (eval --guidance) pushes from
     action_dropout: float = 0.0
+    # lam: the share of training clips (chosen by their keys, the same ones every epoch) whose
+    # recorded actions also teach the latent actions, through a linear probe; 0: frames alone
+    labelled_share: float = 0.0
+    label_weight: float = 0.01  # lam: of the probe's cross-entropy, against the next-frame error's 1
 
     def __post_init__(self) -> None:
         _require(self.stage in STAGES, "task.stage", f"must be one of {STAGES}, got {self.stage!r}")
@@ -167,6 +171,17 @@ class TaskConfig:
             "task.action_dropout",
             f"must be in [0, 1), got {self.action_dropout}",
         )
+        _require(
+            0.0 <= self.labelled_share <= 1.0,
+            "task.labelled_share",
+            f"must be in [0, 1], got {self.labelled_share}",
+        )
+        _require(
+            self.stage == "lam" or self.labelled_share == 0.0,
+            "task.labelled_share",
+            f"labels teach a latent action model (task=lam), not stage {self.stage}: set it to 0",
+        )
+        _require(self.label_weight >= 0, "task.label_weight", f"must be >= 0, got {self.label_weight}")
         _require(
             self.clean_context or self.context_noise == 0.0,
             "task.context_noise",

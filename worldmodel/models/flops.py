@@ -104,12 +104,14 @@ def tokenizer_flops_per_token(config: TokenizerConfig, frames: int, tokens_per_f
 
 def lam_parameters(config: LatentActionConfig) -> int:
     dim, latent, patch_pixels = config.dim, config.latent_dim, 3 * config.patch**2
-    stem = _conv(6, dim, 2 * config.patch)  # overlapping patches of two stacked frames
+    channels = 9 if config.frame_difference else 6  # two stacked frames, and their difference
+    stem = _conv(channels, dim, 2 * config.patch)  # overlapping patches
     codes = dim * latent + (latent * dim + dim)  # to and from a latent action
+    probe = (latent * config.probe_actions + config.probe_actions) if config.probe_actions else 0
     decoder_io = (patch_pixels * dim + dim) + (dim * patch_pixels + patch_pixels)
     modulation = config.depth * (6 * dim * dim + 6 * dim)
     transformers = 2 * st_transformer_parameters(dim, config.depth, config.mlp_ratio)
-    return stem + codes + decoder_io + modulation + transformers
+    return stem + codes + probe + decoder_io + modulation + transformers
 
 
 def lam_flops_per_token(config: LatentActionConfig, frames: int, tokens_per_frame: int) -> float:
@@ -121,7 +123,8 @@ def lam_flops_per_token(config: LatentActionConfig, frames: int, tokens_per_fram
     blocks = 6 * st_matmul_parameters(dim, depth, config.mlp_ratio) + st_attention_flops(
         dim, depth, 1, tokens_per_frame
     )
-    stem = 4 * 6 * (2 * config.patch) ** 2 * dim  # forward and weight gradient (pixels need none)
+    channels = 9 if config.frame_difference else 6
+    stem = 4 * channels * (2 * config.patch) ** 2 * dim  # forward and weight gradient (pixels need none)
     decoder_io = (4 + 6) * patch_pixels * dim  # into the decoder (pixels need no gradient) and out
     per_transition = 6 * (depth * 6 * dim * dim + 2 * config.latent_dim * dim)  # modulation, codes
     total = transitions * (2 * blocks + stem + decoder_io) + (frames - 1) * per_transition

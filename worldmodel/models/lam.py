@@ -46,6 +46,15 @@ class LatentActionConfig:
     commitment: float = 0.25  # weight of pulling encoder outputs toward their codes
     code_decay: float = 0.99  # moving average of the codes
     dead_code_use: float = 0.1  # a code whose share of use falls below this / num_latents is reset
+    # How the encoder's patches become one latent: "max" keeps the strongest motion wherever it is
+    # (the few pixels an agent moves survive it); "mean", which checkpoints from before the field
+    # hold, dilutes them in every patch's features, and an encoder trained on the true actions
+    # themselves stays at chance on Atari with it (README "Latent actions")
+    pool: str = "mean"
+    frame_difference: bool = False  # the encoder also sees frame t + 1 - frame t (3 more channels)
+    # A linear probe from the latent to the recorded action, for labelled clips (task.labelled_share):
+    # the size of the recorded action set, 0 for none
+    probe_actions: int = 0
     checkpointing: bool = False
 
     def __post_init__(self) -> None:
@@ -55,6 +64,8 @@ class LatentActionConfig:
             raise ValueError(f"num_latents must be >= 2, got {self.num_latents}")
         if self.patch < 2 or self.patch % 2:  # the encoder's patches overlap by half a patch a side
             raise ValueError(f"patch must be an even number of pixels, got {self.patch}")
+        if self.pool not in ("mean", "max"):
+            raise ValueError(f"pool must be mean or max, got {self.pool!r}")
         if not 0 < self.code_decay < 1:
             raise ValueError(f"code_decay must be in (0, 1), got {self.code_decay}")
 
@@ -134,11 +145,12 @@ class LatentActionModel(nn.Module):
         super().__init__()
         self.config = config
         patch_pixels = 3 * config.patch**2
-        # The two frames stacked as 6 channels, in overlapping patches (twice the size: half a
-        # patch of each neighbour): each token sees what moved in and around its patch, and
-        # which way, from the first layer on.
+        # The two frames stacked as 6 channels (9 with their difference), in overlapping patches
+        # (twice the size: half a patch of each neighbour): each token sees what moved in and
+        # around its patch, and which way, from the first layer on.
         size = config.patch
-        self.encoder_patches = nn.Conv2d(6, config.dim, 2 * size, stride=size, padding=size // 2)
+        channels = 9 if config.frame_difference else 6
+        self.encoder_patches = nn.Conv2d(channels, config.dim, 2 * size, stride=size, padding=size // 2)
         self.encoder = STTransformer(
             config.dim, config.depth, config.heads, config.mlp_ratio, config.checkpointing
         )
@@ -152,6 +164,7 @@ class LatentActionModel(nn.Module):
             config.dim, config.depth, config.heads, config.mlp_ratio, config.checkpointing, conditioned=True
         )
         self.to_pixels = nn.Linear(config.dim, patch_pixels)
+        self.probe = nn.Linear(config.latent_dim, config.probe_actions) if config.probe_actions else None
         self.reset_parameters_after_children()
 
     def reset_parameters_after_children(self) -> None:
@@ -187,15 +200,18 @@ class LatentActionModel(nn.Module):
         """Frames (B, T, H, W, 3) in [-1, 1], T >= 2 -> unit latents (B, T - 1, latent_dim), one
         per transition t -> t + 1, each from frames t and t + 1 alone."""
         batch, frames = pixels.shape[:2]
-        pairs = torch.cat([pixels[:, :-1], pixels[:, 1:]], dim=-1)  # (B, T-1, H, W, 6)
+        before, after = pixels[:, :-1], pixels[:, 1:]
+        stacked = [before, after, after - before] if self.config.frame_difference else [before, after]
+        pairs = torch.cat(stacked, dim=-1)  # (B, T-1, H, W, 6 or 9 channels)
         features = self.encoder_patches(rearrange(pairs, "b t h w c -> (b t) c h w").contiguous())
         height, width = features.shape[2:]
         x = rearrange(features, "m d h w -> m 1 (h w) d")  # one entry per transition: (M, 1, h*w, D)
         angles = rotary_2d(height, width, self.config.dim // self.config.heads, pixels.device)
         hidden, _ = self.encoder.run(x, angles, torch.zeros(1, device=pixels.device))
-        # Averaged over the patches: what moved, wherever it moved (a learned query token, as in
+        # Pooled over the patches: what moved, wherever it moved (a learned query token, as in
         # Genie, needed several times the steps to find the motion in the tests' sprite world).
-        latents = self.to_latent(hidden[:, 0].mean(1))  # (M, latent_dim)
+        pooled = hidden[:, 0].amax(1) if self.config.pool == "max" else hidden[:, 0].mean(1)  # (M, D)
+        latents = self.to_latent(pooled)  # (M, latent_dim)
         return F.normalize(latents.float(), dim=-1).view(batch, frames - 1, -1)  # (B, T-1, latent_dim)
 
     def predict_next(self, patches: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -221,10 +237,16 @@ class LatentActionModel(nn.Module):
         return patches[:, :-1], patches[:, 1:].float()
 
     def training_loss(
-        self, video: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        video: torch.Tensor,
+        generator: torch.Generator | None = None,
+        labels: torch.Tensor | None = None,
+        label_weight: float = 0.0,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Next-frame reconstruction through the latent actions of a uint8 batch (B, T, H, W, 3),
-        plus the commitment of the encoder to its codes; in training mode, one codebook update."""
+        plus the commitment of the encoder to its codes; in training mode, one codebook update.
+        `labels` (B, T): the recorded actions of labelled clips, NULL_ACTION elsewhere; the probe
+        learns them from the latents and, weighted by `label_weight`, teaches them to the encoder."""
         pixels = self.pixels(video)
         patches = self.patches(pixels)  # (B, T, h, w, P)
         latents = self.encode(pixels)  # (B, T - 1, latent_dim)
@@ -236,6 +258,9 @@ class LatentActionModel(nn.Module):
         reconstruction = F.mse_loss(predicted, target)
         commitment = F.mse_loss(latents, codes.detach())
         loss = reconstruction + self.config.commitment * commitment
+        probe, probe_accuracy = self.probe_loss(latents, labels)
+        if probe is not None:
+            loss = loss + label_weight * probe
         if self.training:
             self.codebook.update(latents.detach().flatten(0, 1), ids.flatten(), generator)
         with torch.no_grad():
@@ -251,7 +276,24 @@ class LatentActionModel(nn.Module):
                 "copy_psnr": 10 * torch.log10(255.0**2 / copy_error.clamp_min(1e-10)),
                 "commitment": commitment,
             }
+            if probe is not None:
+                diagnostics.update(probe=probe.detach(), probe_accuracy=probe_accuracy)
         return loss, diagnostics
+
+    def probe_loss(
+        self, latents: torch.Tensor, labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Cross-entropy and accuracy of the probe's reading of the latents (B, T - 1, latent_dim)
+        against the labels of their transitions (B, T), where there are any."""
+        if self.probe is None or labels is None:
+            return None, None
+        logits = self.probe(latents.to(self.probe.weight.dtype)).float().flatten(0, 1)  # (B*(T-1), A)
+        targets = labels[:, :-1].flatten()  # (B*(T-1),)
+        labelled = (targets != NULL_ACTION).sum().clamp_min(1)
+        # zero (not NaN) where a batch holds no labelled transition, so every rank runs the same graph
+        loss = F.cross_entropy(logits, targets, ignore_index=NULL_ACTION, reduction="sum") / labelled
+        accuracy = (logits.argmax(-1) == targets).sum() / labelled
+        return loss, accuracy.detach()
 
     @torch.no_grad()
     def infer(self, video: torch.Tensor) -> torch.Tensor:

@@ -31,16 +31,22 @@ TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
     ),
 }
 
+
 # Latent action models: 8 latent actions by default (Genie used 8; the CoinRun reproductions 6),
 # patches of 8 pixels at 64x64 and of 16 from the m size up (the reproductions' choice).
+def _lam(**architecture) -> LatentActionConfig:
+    """A LAM whose encoder sees the frames' difference and keeps each patch's strongest motion."""
+    return LatentActionConfig(pool="max", frame_difference=True, **architecture)
+
+
 LAM_PRESETS: dict[str, LatentActionConfig] = {
-    "lam_debug": LatentActionConfig(patch=8, dim=32, depth=1, heads=2, latent_dim=16),
-    "lam_xs": LatentActionConfig(patch=8, dim=64, depth=2, heads=4),
-    "lam_s": LatentActionConfig(patch=8, dim=256, depth=4, heads=4),
-    "lam_m": LatentActionConfig(patch=16, dim=512, depth=8, heads=8),
+    "lam_debug": _lam(patch=8, dim=32, depth=1, heads=2, latent_dim=16),
+    "lam_xs": _lam(patch=8, dim=64, depth=2, heads=4),
+    "lam_s": _lam(patch=8, dim=256, depth=4, heads=4),
+    "lam_m": _lam(patch=16, dim=512, depth=8, heads=8),
     # The CoinRun study's LAM (Jafar: lam_m's size with 6 latent actions)
-    "lam_coinrun": LatentActionConfig(num_latents=6, patch=16, dim=512, depth=8, heads=8),
-    "lam_l": LatentActionConfig(patch=16, dim=768, depth=12, heads=12),
+    "lam_coinrun": _lam(num_latents=6, patch=16, dim=512, depth=8, heads=8),
+    "lam_l": _lam(patch=16, dim=768, depth=12, heads=12),
 }
 
 # Parameter counts at the s/m/l tokenizers' 64,000-code vocabulary (embedding and head included:

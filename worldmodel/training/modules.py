@@ -21,6 +21,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from worldmodel.config import TrainConfig
+from worldmodel.data import NULL_ACTION
 from worldmodel.models.dynamics import Dynamics, DynamicsConfig
 from worldmodel.models.flops import (
     dynamics_flops_per_token,
@@ -67,6 +68,12 @@ def warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def labelled(keys: list[str], share: float) -> list[bool]:
+    """Which clips lend their recorded actions to a latent action model: those whose key hashes
+    into the first `share` of the range, so the same clips every epoch and on every rank."""
+    return [zlib.crc32(key.encode()) < share * 2**32 for key in keys]
 
 
 class WorldModelModule(L.LightningModule):
@@ -276,15 +283,29 @@ class TokenizerModule(WorldModelModule):
 class LatentActionModule(WorldModelModule):
     """Latent actions: predict each next frame from the frame before and one of a few codes."""
 
-    def __init__(self, config: TrainConfig, recorded: dict | None = None):
-        """`recorded`: the architecture a resumed checkpoint holds (wins over today's preset)."""
-        super().__init__(config, LatentActionConfig(**recorded) if recorded else preset(config.model.preset))
+    def __init__(self, config: TrainConfig, recorded: dict | None = None, num_actions: int = 0):
+        """`recorded`: the architecture a resumed checkpoint holds (wins over today's preset);
+        `num_actions`: the data's action set, which the probe of task.labelled_share reads."""
+        net_config = LatentActionConfig(**recorded) if recorded else preset(config.model.preset)
+        if not recorded and config.task.labelled_share > 0:
+            net_config.probe_actions = num_actions
+        super().__init__(config, net_config)
 
     def build_net(self) -> LatentActionModel:
         return LatentActionModel(self.net_config)
 
+    def labels(self, batch: dict) -> torch.Tensor | None:
+        """The recorded actions (B, T) of the batch's labelled clips, NULL_ACTION elsewhere."""
+        share = self.config.task.labelled_share
+        if not share:
+            return None
+        chosen = torch.tensor(labelled(batch["key"], share), device=batch["actions"].device)
+        return torch.where(chosen[:, None], batch["actions"], NULL_ACTION)  # (B, T)
+
     def compute_loss(self, batch, generator):
-        return self.net.training_loss(batch["video"], generator)
+        return self.net.training_loss(
+            batch["video"], generator, self.labels(batch), self.config.task.label_weight
+        )
 
     def token_grid(self, video: torch.Tensor) -> tuple[int, int]:
         frames, height, width = video.shape[1:4]

@@ -73,7 +73,12 @@ def build_module(config: TrainConfig, data: VideoDataModule, resume: str | None)
     if config.task.stage == "lam":
         if data.tokens:
             raise ConfigError("data.root: the latent action model reads frames; give it a video folder")
-        return LatentActionModule(config, recorded)
+        if config.task.labelled_share and not data.num_actions:
+            raise ConfigError(
+                f"task.labelled_share: {config.data.root} records no actions to label clips with; "
+                "set task.labelled_share=0"
+            )
+        return LatentActionModule(config, recorded, num_actions=data.num_actions)
     if data.tokens:  # the tokens name their tokenizer; a given checkpoint must be that one
         tokenizer = tokenizer_for_tokens(data.index, config.data.root, config.task.tokenizer_checkpoint)
     else:
