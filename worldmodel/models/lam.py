@@ -1,9 +1,10 @@
 """A latent action model (LAM, as in Genie): the actions of video that has none, learned without labels.
 
-The encoder sees two frames, t and t + 1, stacked as channels in overlapping patches (so each
-token sees what moved in and around its patch, and which way), mixes the patches in ST blocks and
-averages them into one vector per transition, snapped to the nearest of a few codes
-(`num_latents`, 8 by default): the latent action. The decoder sees frames 0..t and their latent
+The encoder sees two frames, t and t + 1, and their difference, stacked as channels in
+overlapping patches (so each token sees what moved in and around its patch, and which way), mixes
+the patches in ST blocks and max-pools them into one vector per transition (an agent's few moving
+pixels would drown in an average), snapped to the nearest of a few codes (`num_latents`, 8 by
+default): the latent action. The decoder sees frames 0..t and their latent
 actions (summed into every patch, and scaling and shifting every norm of its blocks, as real
 actions condition the dynamics model; causal in time) and predicts frame t + 1 as frame t plus a
 change. The code is the only way information about frame t + 1 reaches the decoder, and a handful
@@ -16,6 +17,10 @@ as an exponential moving average of the encoder outputs assigned to them (no gra
 codebook loss); a code that falls out of use is moved onto an encoder output of the current batch
 (dead-code reset). The moving averages are summed over all ranks and the reset's choice comes
 from rank 0, so every rank keeps the same codebook without the strategy knowing about it.
+
+Where motion the agent does not cause dominates (Atari's opponents and enemies), the codes follow
+it instead of the agent; a share of clips can then lend their recorded actions to a linear probe
+on the latent (`probe_actions`, task.labelled_share), which teaches them to the encoder.
 """
 
 from __future__ import annotations

@@ -32,13 +32,13 @@ TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
 }
 
 
-# Latent action models: 8 latent actions by default (Genie used 8; the CoinRun reproductions 6),
-# patches of 8 pixels at 64x64 and of 16 from the m size up (the reproductions' choice).
 def _lam(**architecture) -> LatentActionConfig:
     """A LAM whose encoder sees the frames' difference and keeps each patch's strongest motion."""
     return LatentActionConfig(pool="max", frame_difference=True, **architecture)
 
 
+# Latent action models: 8 latent actions by default (Genie used 8; the CoinRun reproductions 6),
+# patches of 8 pixels at 64x64 and of 16 from the m size up (the reproductions' choice).
 LAM_PRESETS: dict[str, LatentActionConfig] = {
     "lam_debug": _lam(patch=8, dim=32, depth=1, heads=2, latent_dim=16),
     "lam_xs": _lam(patch=8, dim=64, depth=2, heads=4),
