@@ -44,8 +44,9 @@ def submit(cluster: LocalSlurm, script: str, *arguments: str, log: Path, **env: 
 
 def release_requeued(cluster: LocalSlurm, job: str) -> None:
     """Wait until the job has requeued itself, then skip SLURM's 120 s hold on requeued jobs (BeginTime)
-    so the test stays short. Released only once the first start has left the node: earlier, its exit
-    status can land on the requeued job and mark it FAILED. The job does the rest itself."""
+    so the test stays short. Released only once the first start has left the node and a second has
+    passed: earlier, its exit status or its revoked credential can fail the requeued job. The job
+    does the rest itself."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and cluster.job_field(job, "Restarts") != "1":
         time.sleep(0.5)
@@ -53,6 +54,10 @@ def release_requeued(cluster: LocalSlurm, job: str) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and cluster.job_processes_alive(job):
         time.sleep(0.2)
+    # slurmd revoked the first start's credential when it killed it, and refuses a credential made
+    # in the same second as that (times in whole seconds): released at once, the restart was
+    # killed as "non-startable: Job credential revoked" and the job ended FAILED (seen under load).
+    time.sleep(2)
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
 
 
