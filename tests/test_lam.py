@@ -4,6 +4,7 @@ test measures the bottleneck (a decoder that can see the next frame, or does not
 latent action, leaves the latent actions meaningless)."""
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -308,7 +309,15 @@ def test_an_encoder_taught_the_actions_reads_a_small_agent_only_when_it_keeps_th
 def test_labelled_clips_are_a_fixed_share_chosen_by_key():
     keys = [f"Boxing_ep{episode:05d}_{start:06d}" for episode in range(100) for start in range(0, 400, 16)]
     chosen = labelled(keys, 0.1)
-    assert chosen == labelled(keys, 0.1)  # the same clips every epoch and on every rank
+    # the same clips every epoch and on every rank: in another process too (Python salts str hashes)
+    script = f"from worldmodel.training.modules import labelled; print(labelled({keys!r}, 0.1))"
+    other = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONHASHSEED": "1"},
+    )
+    assert other.stdout.strip() == str(chosen), other.stderr
     assert abs(sum(chosen) / len(keys) - 0.1) < 0.02
     assert not any(labelled(keys, 0.0)) and all(labelled(keys, 1.0))
     more = labelled(keys, 0.5)

@@ -104,8 +104,7 @@ def tokenizer_flops_per_token(config: TokenizerConfig, frames: int, tokens_per_f
 
 def lam_parameters(config: LatentActionConfig) -> int:
     dim, latent, patch_pixels = config.dim, config.latent_dim, 3 * config.patch**2
-    channels = 9 if config.frame_difference else 6  # two stacked frames, and their difference
-    stem = _conv(channels, dim, 2 * config.patch)  # overlapping patches
+    stem = _conv(config.encoder_channels, dim, 2 * config.patch)  # overlapping patches
     codes = dim * latent + (latent * dim + dim)  # to and from a latent action
     probe = (latent * config.probe_actions + config.probe_actions) if config.probe_actions else 0
     decoder_io = (patch_pixels * dim + dim) + (dim * patch_pixels + patch_pixels)
@@ -123,8 +122,9 @@ def lam_flops_per_token(config: LatentActionConfig, frames: int, tokens_per_fram
     blocks = 6 * st_matmul_parameters(dim, depth, config.mlp_ratio) + st_attention_flops(
         dim, depth, 1, tokens_per_frame
     )
-    channels = 9 if config.frame_difference else 6
-    stem = 4 * channels * (2 * config.patch) ** 2 * dim  # forward and weight gradient (pixels need none)
+    stem = (
+        4 * config.encoder_channels * (2 * config.patch) ** 2 * dim
+    )  # forward and weight gradient (pixels need none)
     decoder_io = (4 + 6) * patch_pixels * dim  # into the decoder (pixels need no gradient) and out
     per_transition = 6 * (depth * 6 * dim * dim + 2 * config.latent_dim * dim)  # modulation, codes
     total = transitions * (2 * blocks + stem + decoder_io) + (frames - 1) * per_transition

@@ -62,6 +62,11 @@ class LatentActionConfig:
     probe_actions: int = 0
     checkpointing: bool = False
 
+    @property
+    def encoder_channels(self) -> int:
+        """Frames t and t + 1 stacked (6 channels), and their difference (3 more)."""
+        return 9 if self.frame_difference else 6
+
     def __post_init__(self) -> None:
         if self.dim % self.heads or (self.dim // self.heads) % 4:
             raise ValueError(f"model.dim {self.dim} must split into {self.heads} heads of a multiple of 4")
@@ -154,8 +159,9 @@ class LatentActionModel(nn.Module):
         # (twice the size: half a patch of each neighbour): each token sees what moved in and
         # around its patch, and which way, from the first layer on.
         size = config.patch
-        channels = 9 if config.frame_difference else 6
-        self.encoder_patches = nn.Conv2d(channels, config.dim, 2 * size, stride=size, padding=size // 2)
+        self.encoder_patches = nn.Conv2d(
+            config.encoder_channels, config.dim, 2 * size, stride=size, padding=size // 2
+        )
         self.encoder = STTransformer(
             config.dim, config.depth, config.heads, config.mlp_ratio, config.checkpointing
         )
