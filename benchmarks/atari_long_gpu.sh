@@ -5,6 +5,7 @@
 # checkpoint of the learning curve (horizon 4, as the README's table).
 #
 #   bash benchmarks/atari_long_gpu.sh [OUT_DIR]     # default: $OUT (the device tool's folder) or outputs/atari-long-gpu
+#   SEEDS="0 1" bash benchmarks/atari_long_gpu.sh   # one run per seed, each in OUT_DIR/seedN (default SEEDS=0)
 #
 # Wheels the machine lacks (ale-py and gymnasium for the recording among them) may be carried in
 # .whl/ (installed offline, --no-deps). ATARI_LONG_TINY=1 runs a few steps of everything on the CPU
@@ -38,8 +39,11 @@ if [[ -n "${ATARI_LONG_TINY:-}" ]]; then
     tiny=(EPISODES=2 MAX_STEPS=40 ATARI_TOKENIZER="trainer.max_steps=2"
         ATARI_DYNAMICS="trainer.max_steps=4 trainer.checkpoint_every_n_steps=2")
 fi
-make atari-long BIN="$bin" OUT="$out" ATARI_RECORD="$record" ATARI_TRAIN="$train" ATARI_EVAL="${scored[*]}" "${tiny[@]}"
-
-# the learning curve, as the README's table: a report per checkpoint in eval_curve/, side by side in comparison.md
-"$bin/worldmodel" eval "$out"/dynamics/checkpoints/step*.ckpt --data "$out/data" --context 4 --horizon 4 \
-    --steps 4 --guidance 1 "${scored[@]}" --out "$out/eval_curve"
+for seed in ${SEEDS:-0}; do
+    run="$out/seed$seed"
+    make atari-long BIN="$bin" OUT="$run" ATARI_RECORD="$record" ATARI_TRAIN="$train seed=$seed" \
+        ATARI_EVAL="${scored[*]}" "${tiny[@]}"
+    # the learning curve, as the README's table: a report per checkpoint in eval_curve/, side by side in comparison.md
+    "$bin/worldmodel" eval "$run"/dynamics/checkpoints/step*.ckpt --data "$run/data" --context 4 --horizon 4 \
+        --steps 4 --guidance 1 "${scored[@]}" --out "$run/eval_curve"
+done

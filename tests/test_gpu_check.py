@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.training_helpers import ROOT
 
@@ -40,8 +41,8 @@ def test_gpu_check_runs_every_check_on_the_cpu_with_tiny_settings(tmp_path):
         assert run["tokens_per_s"] > 0 and run["vs_ddp"] < 1e-4, (name, run)
 
 
-def test_atari_long_gpu_runs_make_atari_long_without_a_venv_and_scores_every_checkpoint(tmp_path):
-    env = {**os.environ, "ATARI_LONG_TINY": "1", "PYTHON": sys.executable}
+def test_atari_long_gpu_runs_make_atari_long_per_seed_without_a_venv_and_scores_every_checkpoint(tmp_path):
+    env = {**os.environ, "ATARI_LONG_TINY": "1", "PYTHON": sys.executable, "SEEDS": "0 1"}
     out = tmp_path / "atari-long"
     result = subprocess.run(
         ["bash", "benchmarks/atari_long_gpu.sh", str(out)],
@@ -53,11 +54,18 @@ def test_atari_long_gpu_runs_make_atari_long_without_a_venv_and_scores_every_che
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "-m venv" not in result.stdout  # the Makefile took the stand-ins for its venv, built none
-    curve = {
-        Path(json.loads(path.read_text())["checkpoint"]).name: json.loads(path.read_text())
-        for path in (out / "eval_curve").glob("*/metrics.json")
-    }
-    assert sorted(curve) == ["step0000002.ckpt", "step0000004.ckpt"], sorted(curve)
-    assert (out / "eval_curve" / "comparison.md").exists()
-    last = json.loads((out / "eval" / "last.ckpt" / "metrics.json").read_text())
-    assert all(report["clips"] == 4 for report in [last, *curve.values()])
+    weights = {}
+    for seed in (0, 1):
+        run = out / f"seed{seed}"
+        curve = {
+            Path(json.loads(path.read_text())["checkpoint"]).name: json.loads(path.read_text())
+            for path in (run / "eval_curve").glob("*/metrics.json")
+        }
+        assert sorted(curve) == ["step0000002.ckpt", "step0000004.ckpt"], sorted(curve)
+        assert (run / "eval_curve" / "comparison.md").exists()
+        last = json.loads((run / "eval" / "last.ckpt" / "metrics.json").read_text())
+        assert all(report["clips"] == 4 for report in [last, *curve.values()])
+        checkpoint = torch.load(run / "dynamics" / "checkpoints" / "last.ckpt", weights_only=False)
+        weights[seed] = checkpoint["state_dict"]
+    # each run trained from its own seed: the same recording, other weights
+    assert any(not torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
