@@ -7,7 +7,7 @@
     python benchmarks/atari_diagnostics.py oracle DATA [--tokenizer CKPT]  # the emulator as a perfect model
     python benchmarks/atari_diagnostics.py reach       # how many pixels one action changes, and when
     python benchmarks/atari_diagnostics.py identifiable  # how much any latent action can say about the action
-    python benchmarks/atari_diagnostics.py inverse DATA  # can the LAM encoder see the action when taught it?
+    python benchmarks/atari_diagnostics.py inverse DATA [--tokenizer CKPT]  # can a LAM encoder see actions?
 
 DATA: the prepared folder `make atari` recorded (outputs/atari/data).
 
@@ -32,7 +32,9 @@ the true one (log 18 minus the mean log size of the action's group), and so the 
 inverse: lam_xs's encoder and a linear probe on its latent trained on the recorded actions
 themselves (inverse dynamics: cross-entropy alone, 3 passes over 200 training batches of 8 clips x
 8 frames), with the patches' features averaged or max-pooled and with or without the frames'
-difference as input; accuracy on 30 held-out batches (chance 1/18).
+difference as input, and (--tokenizer) from the frozen tokenizer's quantized codes instead of
+pixels, through the same overlapping patches on the token grid (as many positions for the ST
+blocks); accuracy on 30 held-out batches (chance 1/18).
 """
 
 from __future__ import annotations
@@ -303,16 +305,17 @@ def identifiable(episodes: int = 3, every: int = 5, max_steps: int = 500) -> Non
         )
 
 
-def inverse(data: str, batches: int = 200, passes: int = 3) -> None:
+def inverse(data: str, tokenizer: str | None = None, batches: int = 200, passes: int = 3) -> None:
     import itertools
-    from dataclasses import replace
 
     import torch.nn.functional as F
+    from torch import nn
 
     from worldmodel.config import DataConfig
     from worldmodel.data.datamodule import VideoDataModule
     from worldmodel.models.lam import LatentActionModel
     from worldmodel.models.presets import preset
+    from worldmodel.training.checkpoint import load_tokenizer
 
     def transitions(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return batch["video"], batch["actions"][:, :-1].flatten()  # action t leads frame t to t + 1
@@ -324,26 +327,46 @@ def inverse(data: str, batches: int = 200, passes: int = 3) -> None:
     train = [transitions(b) for b in itertools.islice(loader.train_dataloader(), batches)]
     val = [transitions(b) for b in itertools.islice(loader.val_dataloader(), 30)]
     actions = read_index(data)["num_actions"]
-    for pool, difference in (("mean", False), ("max", False), ("max", True)):
+    # (pooling, frames' difference, input): pixels in [-1, 1], or the frozen tokenizer's codes
+    variants = [("mean", False, "pixels"), ("max", False, "pixels"), ("max", True, "pixels")]
+    splits = {"pixels": (train, val)}
+    if tokenizer:
+        frozen = load_tokenizer(tokenizer).eval()
+        with torch.no_grad():  # each batch's codes (B, T, h, w, C), computed once
+            splits["tokens"] = tuple(
+                [(frozen.encode_codes(video).float(), truth) for video, truth in split]
+                for split in (train, val)
+            )
+        variants.append(("max", True, "tokens"))
+    for pool, difference, source in variants:
         torch.manual_seed(0)
         config = replace(preset("lam_xs"), pool=pool, frame_difference=difference, probe_actions=actions)
         model = LatentActionModel(config)
+        if source == "tokens":
+            # The same overlapping patches on the token grid: each of lam_xs's 8x8-pixel patches is
+            # 8 / downsample tokens a side, so the ST blocks see as many positions as from pixels.
+            size = config.patch // frozen.config.downsample
+            channels = 3 * len(frozen.config.levels)  # codes of t, t + 1 and their difference
+            model.encoder_patches = nn.Conv2d(channels, config.dim, 2 * size, stride=size, padding=size // 2)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
-        def read(video: torch.Tensor, model=model) -> torch.Tensor:
-            return model.probe(model.encode(model.pixels(video)).flatten(0, 1))  # (B * (T - 1), actions)
+        def read(frames: torch.Tensor, model=model) -> torch.Tensor:
+            """uint8 frames (B, T, H, W, 3) or codes (B, T, h, w, C) -> logits (B * (T - 1), actions)."""
+            pixels = frames.float() / 127.5 - 1.0 if frames.dtype == torch.uint8 else frames
+            return model.probe(model.encode(pixels).flatten(0, 1))
 
         accuracies = []
+        train_split, val_split = splits[source]
         for _ in range(passes):
-            for video, truth in train:
+            for video, truth in train_split:
                 loss = F.cross_entropy(read(video), truth)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
             with torch.no_grad():
-                right = sum(int((read(video).argmax(-1) == truth).sum()) for video, truth in val)
-            accuracies.append(right / sum(len(truth) for _, truth in val))
-        seen = "frames t, t + 1" + (" and their difference" if difference else "")
+                right = sum(int((read(video).argmax(-1) == truth).sum()) for video, truth in val_split)
+            accuracies.append(right / sum(len(truth) for _, truth in val_split))
+        seen = f"{source} t, t + 1" + (" and their difference" if difference else "")
         print(
             f"{pool:>4} pooling, {seen:<38} held-out accuracy after each pass: "
             + " / ".join(f"{accuracy:.3f}" for accuracy in accuracies)
@@ -366,7 +389,11 @@ def main() -> None:
     oracle_command.add_argument("--tokenizer", help="a tokenizer checkpoint: the ceiling through its tokens")
     commands.add_parser("reach")
     commands.add_parser("identifiable")
-    commands.add_parser("inverse").add_argument("data")
+    inverse_command = commands.add_parser("inverse")
+    inverse_command.add_argument("data")
+    inverse_command.add_argument(
+        "--tokenizer", help="a tokenizer checkpoint: also read the actions from its codes"
+    )
     commands.add_parser("step-time")
     args = parser.parse_args()
     if args.command == "actions":
@@ -382,7 +409,7 @@ def main() -> None:
     elif args.command == "identifiable":
         identifiable()
     elif args.command == "inverse":
-        inverse(args.data)
+        inverse(args.data, args.tokenizer)
     else:
         step_time()
 
