@@ -1,8 +1,8 @@
 """The scripts for a real GPU, kept working by running them on the CPU with tiny settings:
 benchmarks/gpu_check.sh (GPU_CHECK_TINY=1): every check but the GPU's own (nvidia-smi) passes and
 the strategy table and its JSON are written; benchmarks/atari_long_gpu.sh (ATARI_LONG_TINY=1):
-`make atari-long` runs through the Makefile without the project's venv and every checkpoint of
-the learning curve is scored."""
+`make atari-long` runs through the Makefile without the project's venv, once per seed, and every
+checkpoint of each learning curve is scored."""
 
 import json
 import os
