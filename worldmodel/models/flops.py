@@ -122,9 +122,8 @@ def lam_flops_per_token(config: LatentActionConfig, frames: int, tokens_per_fram
     blocks = 6 * st_matmul_parameters(dim, depth, config.mlp_ratio) + st_attention_flops(
         dim, depth, 1, tokens_per_frame
     )
-    stem = (
-        4 * config.encoder_channels * (2 * config.patch) ** 2 * dim
-    )  # forward and weight gradient (pixels need none)
+    # the overlapping-patch stem: forward and weight gradient (pixels need none)
+    stem = 4 * config.encoder_channels * (2 * config.patch) ** 2 * dim
     decoder_io = (4 + 6) * patch_pixels * dim  # into the decoder (pixels need no gradient) and out
     per_transition = 6 * (depth * 6 * dim * dim + 2 * config.latent_dim * dim)  # modulation, codes
     total = transitions * (2 * blocks + stem + decoder_io) + (frames - 1) * per_transition
