@@ -152,6 +152,8 @@ def test_prepare_shards_converts_them_and_the_clips_read_back_match_the_videos(t
         "10",
         "--val-fraction",
         "0.34",
+        "--split-by",
+        "time",
         "--crf",
         "0",
     ]
@@ -160,6 +162,7 @@ def test_prepare_shards_converts_them_and_the_clips_read_back_match_the_videos(t
     index = read_index(out)
     assert (index["frames_per_clip"], index["height"], index["fps"]) == (8, 64, 10.0)
     assert index["splits"]["val"]["clips"] and index["splits"]["train"]["clips"]
+    assert index["source"]["split_by"] == "time"
     assert verify_folder(out)[0] == []  # checksums of every member, sha256 of every shard
     references = {}
     stream = ClipStream(shard_paths(out, "train") + shard_paths(out, "val"), ClipSpec(8), 1, train=False)

@@ -5,12 +5,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import webdataset as wds
 
 from tests.test_video import psnr
 from worldmodel.data.pipeline import ClipSpec, ClipStream
 from worldmodel.data.shards import read_index, shard_paths
 from worldmodel.data.sources.folder import ClipSettings, prepare_folder, split_by_file
-from worldmodel.data.sources.sample import sample_footage_dir
+from worldmodel.data.sources.sample import SAMPLE_FILES, sample_footage_dir
 from worldmodel.data.video import iter_frames, resize_short_side_center_crop
 
 
@@ -95,10 +96,22 @@ def test_split_is_by_source_file_and_deterministic(folder_dataset):
     assert sum(s == "val" for s in split_by_file(names, 0.25).values()) == 5
 
 
-def test_sample_dataset_is_real_footage_split_by_file(sample_dir):
+def clip_metadata(urls) -> list[dict]:
+    return [json.loads(sample["json"]) for sample in wds.WebDataset(urls, shardshuffle=False)]
+
+
+def test_sample_dataset_is_real_footage_split_in_time(sample_dir):
+    """Every video trains on its first 70% and validates on its last 30%; no frame on both sides."""
     index = read_index(sample_dir)
-    assert index["source"]["kind"] == "sample"
-    assert index["splits"]["train"]["clips"] >= 60 and index["splits"]["val"]["clips"] >= 10
+    assert index["source"]["kind"] == "sample" and index["source"]["split_by"] == "time"
+    assert index["splits"]["train"]["clips"] >= 60 and index["splits"]["val"]["clips"] >= 20
+    train, val = (clip_metadata(shard_paths(sample_dir, split)) for split in ("train", "val"))
+    assert {clip["source"] for clip in train} == {clip["source"] for clip in val} == set(SAMPLE_FILES)
+    for name in SAMPLE_FILES:
+        last_train_frame = max(c["start_frame"] + c["frames"] for c in train if c["source"] == name)
+        first_val_frame = min(c["start_frame"] for c in val if c["source"] == name)
+        video_frames = next(c["source_frames"] for c in val if c["source"] == name)
+        assert last_train_frame <= round(0.7 * video_frames) <= first_val_frame, name
     first = read_all(shard_paths(sample_dir, "val"), 16)[0]
     assert first["video"].shape == (1, 16, 64, 64, 3)
     assert first["video"].float().std() > 20  # real images, not a blank frame

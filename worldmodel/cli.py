@@ -35,6 +35,22 @@ def _add_shard_options(parser: argparse.ArgumentParser, frames: int, size: int) 
     parser.add_argument("--workers", type=int, default=2, help="processes that cut / record clips")
 
 
+def _add_video_options(parser: argparse.ArgumentParser) -> None:
+    """How videos (files or other tools' shards) are cut into clips and split."""
+    parser.add_argument("--fps", type=float, default=10.0, help="clip frame rate")
+    parser.add_argument(
+        "--hop", type=int, default=None, help="frames between clip starts (default: --frames)"
+    )
+    parser.add_argument("--crf", type=int, default=18, help="h264 quality (0 = lossless)")
+    parser.add_argument(
+        "--split-by",
+        choices=("file", "time"),
+        default="file",
+        help="hold out whole videos (file), or the last --val-fraction of every video (time: "
+        "for a few long videos; windows across the cut are dropped)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="worldmodel", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -45,11 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     folder = prepare.add_parser("folder", help="every video under a folder")
     folder.add_argument("src", help="folder searched recursively for mp4/avi/mkv/webm/mov")
     _add_shard_options(folder, frames=16, size=64)
-    folder.add_argument("--fps", type=float, default=10.0, help="clip frame rate")
-    folder.add_argument(
-        "--hop", type=int, default=None, help="frames between clip starts (default: --frames)"
-    )
-    folder.add_argument("--crf", type=int, default=18, help="h264 quality (0 = lossless)")
+    _add_video_options(folder)
 
     atari = prepare.add_parser("atari", help="record random-policy Atari game play")
     atari.add_argument("--games", required=True, help="comma-separated, e.g. Breakout,Pong")
@@ -83,11 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     shards = prepare.add_parser("shards", help="WebDataset shards of other tools (e.g. video2dataset)")
     shards.add_argument("urls", nargs="+", help="shard paths, brace patterns or URLs")
     _add_shard_options(shards, frames=16, size=64)
-    shards.add_argument("--fps", type=float, default=10.0, help="clip frame rate")
-    shards.add_argument(
-        "--hop", type=int, default=None, help="frames between clip starts (default: --frames)"
-    )
-    shards.add_argument("--crf", type=int, default=18, help="h264 quality (0 = lossless)")
+    _add_video_options(shards)
     shards.add_argument("--caption-field", default=None, help="json field with the caption (default: txt)")
     shards.add_argument("--video-member", default=None, help="a video member besides mp4/webm/mkv/avi/mov")
 
@@ -220,6 +228,7 @@ def _prepare(args: argparse.Namespace) -> dict:
         return prepare_sample(args.out)
     common = dict(val_fraction=args.val_fraction, clips_per_shard=args.shard_size, workers=args.workers)
     if args.source in ("folder", "shards"):
+        common["split_by"] = args.split_by
         from worldmodel.data.sources.folder import ClipSettings, prepare_folder
         from worldmodel.data.video import LOSSLESS, EncodeSettings
 

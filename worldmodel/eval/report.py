@@ -420,14 +420,14 @@ def table(report: dict) -> str:
     if report.get("stage") == "tokenizer":
         groups = {**report.get("by_source", {}), "all": report["mean"]}
         return f"tokenizer reconstruction of {report['clips']} held-out clips:\n" + "".join(
-            f"{source[-18:]:<18} PSNR {mean['tokenizer_psnr']:.2f} dB, SSIM {mean['tokenizer_ssim']:.4f}\n"
+            f"{source[-22:]:<22} PSNR {mean['tokenizer_psnr']:.2f} dB, SSIM {mean['tokenizer_ssim']:.4f}\n"
             for source, mean in groups.items()
         )
     lines = [
         "PSNR in dB of frames predicted h steps after the context, on held-out clips. The world model",
         "must beat copying the last real frame (gain > 0); ΔtPSNR > 0 means its true actions predict",
         "better than random ones (it responds to actions); the tokenizer's reconstruction is the ceiling.",
-        f"{'source':<18}{'clips':>6}{'h':>3}{'model':>8}{'copy':>8}{'gain':>7}{'tokzr':>8}{'ΔtPSNR':>8}"
+        f"{'source':<22}{'clips':>6}{'h':>3}{'model':>8}{'copy':>8}{'gain':>7}{'tokzr':>8}{'ΔtPSNR':>8}"
         f"{'SSIM':>8}{'copy':>8}",
     ]
     groups = (
@@ -440,7 +440,7 @@ def table(report: dict) -> str:
         for horizon, values in summary["at_horizon"].items():
             delta = values.get("delta_t_psnr")
             lines.append(
-                f"{source[-18:]:<18}{summary['clips']:>6}{horizon:>3}{values['model_psnr']:>8.2f}"
+                f"{source[-22:]:<22}{summary['clips']:>6}{horizon:>3}{values['model_psnr']:>8.2f}"
                 f"{values['copy_last_psnr']:>8.2f}{values['model_psnr'] - values['copy_last_psnr']:>+7.2f}"
                 f"{values['tokenizer_psnr']:>8.2f}{'-' if delta is None else f'{delta:+.2f}':>8}"
                 f"{values['model_ssim']:>8.4f}{values['copy_last_ssim']:>8.4f}"
@@ -459,7 +459,7 @@ def agreement_lines(agreement: dict | None) -> list[str]:
     ]
     for source, values in {**agreement["by_source"], "all": agreement}.items():
         lines.append(
-            f"{source[-18:]:<18} NMI {values['nmi']:.3f} (chance {values['nmi_chance']:.3f})  "
+            f"{source[-22:]:<22} NMI {values['nmi']:.3f} (chance {values['nmi_chance']:.3f})  "
             f"mapping {values['mapping_accuracy']:.3f} (chance {values['mapping_chance']:.3f})  "
             f"majority {values['majority_accuracy']:.3f}  ({values['transitions']} transitions)"
         )

@@ -17,10 +17,14 @@ from worldmodel.data.video import LOSSLESS, encode_mp4
 Work = Callable[[object], tuple[list[Clip], "str | None"]]
 
 
-def validation_count(items: int, fraction: float) -> int:
-    """How many of `items` go to validation: ceil(fraction * items), none when there is only one."""
+def check_val_fraction(fraction: float) -> None:
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {fraction}")
+
+
+def validation_count(items: int, fraction: float) -> int:
+    """How many of `items` go to validation: ceil(fraction * items), none when there is only one."""
+    check_val_fraction(fraction)
     return math.ceil(fraction * items) if items > 1 else 0
 
 
@@ -64,17 +68,19 @@ def episode_clips(
 def shard_in_parallel(
     work: Work,
     jobs: Sequence,
-    splits: Sequence[str],
+    splits: Sequence[str] | Callable[[int, Clip], str | None],
     out: str | os.PathLike,
     info: DatasetInfo,
     clips_per_shard: int,
     workers: int,
     unit: str,
 ) -> tuple[int, dict[int, str]]:
-    """Run `work` over `jobs` in processes and write each job's clips, in job order, to its split.
+    """Run `work` over `jobs` in processes and write each job's clips, in job order, to its split:
+    one per job, or chosen per clip by `splits(job number, clip)` (None: the clip is left out).
 
     Returns the number of clips written and the failure reason of each job that had none.
     """
+    split_of = splits if callable(splits) else lambda number, clip: splits[number]
     failures: dict[int, str] = {}
     written = 0
     with (
@@ -86,7 +92,9 @@ def shard_in_parallel(
             if failure:
                 failures[number] = failure
             for clip in clips:
-                writer.write(splits[number], clip)
-            written += len(clips)
+                split = split_of(number, clip)
+                if split is not None:
+                    writer.write(split, clip)
+                    written += 1
             progress.set_postfix(clips=written, failed=len(failures))
     return written, failures

@@ -20,7 +20,7 @@ from worldmodel.data.shards import (
     safe_key,
     write_json_atomic,
 )
-from worldmodel.data.sources import shard_in_parallel, validation_count
+from worldmodel.data.sources import check_val_fraction, shard_in_parallel, validation_count
 from worldmodel.data.video import EncodeSettings, encode_mp4, iter_frames, resize_short_side_center_crop
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov")
@@ -67,6 +67,16 @@ def split_by_file(names: Sequence[str], val_fraction: float) -> dict[str, str]:
     return {name: ("val" if rank < n_val else "train") for rank, name in enumerate(ranked)}
 
 
+def split_in_time(clip: Clip, val_fraction: float) -> str | None:
+    """The last `val_fraction` of each video is val: a window wholly before the cut trains, one
+    wholly after it validates, and one across it is left out, so that no frame is on both sides."""
+    cut = round((1.0 - val_fraction) * clip.meta["source_frames"])
+    start = clip.meta["start_frame"]
+    if start + clip.meta["frames"] <= cut:
+        return "train"
+    return "val" if start >= cut else None
+
+
 def cut_clips(path, name: str, settings: ClipSettings) -> list[Clip]:
     """Decode one video (a path, or a file object) at the target rate and size and encode
     consecutive windows as clips."""
@@ -82,6 +92,8 @@ def cut_clips(path, name: str, settings: ClipSettings) -> list[Clip]:
         meta = {
             "source": name,
             "clip_index": clip_index,
+            "start_frame": start,
+            "source_frames": len(frames),
             "start_time": round(times[start], 4),
             "fps": settings.fps,
             "frames": settings.frames,
@@ -116,12 +128,15 @@ def prepare_videos(
     clips_per_shard: int = 256,
     workers: int = 1,
     source_note: dict | None = None,
+    split_by: str = "file",
 ) -> dict:
     """Shard the clips of `files` (named relative to `root`); returns the dataset index."""
     names = [str(path.relative_to(root)) for path in files]
     jobs = [(str(path), name, settings, {}) for path, name in zip(files, names, strict=True)]
     source = source_note or {"kind": "folder", "root": str(root)}
-    return shard_videos(jobs, names, out, settings, source, val_fraction, clips_per_shard, workers)
+    return shard_videos(
+        jobs, names, out, settings, source, val_fraction, clips_per_shard, workers, split_by=split_by
+    )
 
 
 def shard_videos(
@@ -134,19 +149,30 @@ def shard_videos(
     clips_per_shard: int,
     workers: int,
     unreadable: Sequence[str] = (),
+    split_by: str = "file",
 ) -> dict:
-    """Cut each job's video into clips in processes (`_cut_or_report`), split by video (`names`), write
-    the shards, `dataset.json` and the report of what was skipped; returns the index."""
-    split_of = split_by_file(names, val_fraction)
+    """Cut each job's video into clips in processes (`_cut_or_report`), split by video (`names`) or
+    by time within each video (`split_by`), write the shards, `dataset.json` and the report of what
+    was skipped; returns the index."""
     info = DatasetInfo(
         frames_per_clip=settings.frames,
         height=settings.size,
         width=settings.size,
         fps=settings.fps,
         num_actions=None,
-        source=source,
+        source={**source, "split_by": split_by, "val_fraction": val_fraction},
     )
-    splits = [split_of[name] for name in names]
+    if split_by == "file":
+        split_of = split_by_file(names, val_fraction)
+        splits = [split_of[name] for name in names]
+    elif split_by == "time":
+        check_val_fraction(val_fraction)
+
+        def splits(number: int, clip: Clip) -> str | None:
+            return split_in_time(clip, val_fraction)
+
+    else:
+        raise ValueError(f"split_by must be 'file' or 'time', got {split_by!r}")
     written, failed = shard_in_parallel(
         _cut_or_report, jobs, splits, out, info, clips_per_shard, workers, "video"
     )

@@ -42,12 +42,15 @@ def prepare_shards(
     workers: int = 1,
     caption_field: str | None = None,
     video_member_name: str | None = None,
+    split_by: str = "file",
 ) -> dict:
     """Cut every video of the shards at `urls` into clips, as `prepare folder` cuts files; the
-    split is by video (a hash of shard and key). Returns the dataset index."""
+    split is by video (a hash of shard and key) or by time within each. Returns the dataset index."""
     videos, problems = foreign_videos(urls, caption_field, video_member_name)
     # The caption and where the video came from travel with each of its clips.
     jobs = [(data, name, settings, {"caption": text, "url": url}) for name, data, text, url in videos]
     names = [name for name, *_ in videos]
     source = {"kind": "shards", "urls": list(urls)}
-    return shard_videos(jobs, names, out, settings, source, val_fraction, clips_per_shard, workers, problems)
+    return shard_videos(
+        jobs, names, out, settings, source, val_fraction, clips_per_shard, workers, problems, split_by
+    )
