@@ -18,7 +18,7 @@ def test_prepare_sample_then_inspect_from_the_command_line(tmp_path):
     out = tmp_path / "sample"
     prepared = run(str(WORLDMODEL), "prepare", "sample", "--out", str(out))
     assert prepared.returncode == 0, prepared.stderr
-    assert "train 81 clips in 3 shards, val 30 clips in 1 shards" in prepared.stdout
+    assert "train 74 clips in 3 shards, val 26 clips in 1 shards" in prepared.stdout
     inspected = run(
         str(WORLDMODEL), "inspect", str(out), "--batches", "2", "--batch-size", "3", "--workers", "2"
     )

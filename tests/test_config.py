@@ -51,7 +51,7 @@ def test_data_module_streams_batches_of_the_per_device_size(sample_dir):
     data = VideoDataModule(config, rank=1, world_size=2)
     batches = list(data.train_dataloader())
     assert len(batches) == 2 and batches[0]["video"].shape == (2, 8, 64, 64, 3)
-    assert sum(len(b["key"]) for b in data.val_dataloader()) == 15  # half of the 30 validation clips
+    assert sum(len(b["key"]) for b in data.val_dataloader()) == 13  # half of the 26 validation clips
 
 
 def test_shards_from_brace_patterns_and_pipe_urls(sample_dir):
@@ -67,7 +67,7 @@ def test_shards_from_brace_patterns_and_pipe_urls(sample_dir):
     data = VideoDataModule(config)
     assert len(data._urls("train")) == 3
     assert [len(b["key"]) for b in data.train_dataloader()] == [5, 5, 5]
-    assert sum(len(b["key"]) for b in data.val_dataloader()) == 30
+    assert sum(len(b["key"]) for b in data.val_dataloader()) == 26
 
 
 def test_shard_urls_without_validation_urls_are_rejected_by_name():
