@@ -40,8 +40,10 @@ class DataPosition(L.Callback):
             trainer.datamodule.train_loader.end_epoch()
 
 
-def measure_cpu_peak_flops(size: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of the best of a few fp32 matmuls on this process's threads: the CPU's practical peak."""
+def measure_cpu_peak_flops(size: int = 1024, repeats: int = 20) -> float:
+    """FLOP/s of the best of some fp32 matmuls on this process's threads: the CPU's practical peak.
+    The best of 20 (~0.3 s on 2 cores), because any process that shares the cores meanwhile (a loader
+    worker starting up) lowers the peak and inflates every MFU of the run after it."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b  # warm up the kernels
     best = float("inf")
@@ -108,7 +110,8 @@ class Throughput(L.Callback):
         self._batch_end: float | None = None
         self._wait = 0.0
 
-    def on_train_start(self, trainer, module) -> None:
+    def on_fit_start(self, trainer, module) -> None:
+        # Before the sanity check and the loaders start their workers, which would share the cores.
         self.peak_flops = device_peak_flops(module, self.peak_tflops)
         if self.peak_flops:
             module.print(f"MFU against a peak of {self.peak_flops / 1e12:.2f} TFLOP/s per device")
