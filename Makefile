@@ -27,7 +27,9 @@ procgen-env: $(PROCGEN_VENV)/bin/python
 
 DEMO := outputs/demo
 
+# Each demo starts afresh: training refuses a run_dir that holds an earlier run's checkpoints.
 demo: setup
+	rm -rf $(DEMO)
 	$(BIN)/worldmodel prepare sample --out $(SAMPLE)
 	$(BIN)/worldmodel inspect $(SAMPLE) --batches 2 --batch-size 4 --workers 2
 	$(BIN)/python train.py experiment=demo_tokenizer run_dir=$(DEMO)/tokenizer

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -99,6 +100,9 @@ def run(command: list[str], log: Path) -> float:
 
 
 def train_command(experiment: str, run_dir: Path, overrides: list[str], args) -> list[str]:
+    """The command of one fresh training run; what an earlier call left in run_dir is cleared (a
+    run_dir holding another run's checkpoints is refused)."""
+    shutil.rmtree(run_dir, ignore_errors=True)
     scaled = []
     steps = next((o for o in overrides if o.startswith("trainer.max_steps=")), None)
     if args.scale != 1.0:

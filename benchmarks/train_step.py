@@ -23,6 +23,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -159,6 +160,9 @@ def config_downsample(config) -> int:
 
 def memory_rank(args) -> None:
     """One rank of a 2-process run (Lightning starts the second); prints its peak RSS."""
+    run_dir = OUT / f"memory_{args.strategy}"
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # before rank 1 starts: a fresh run, never refused
+        shutil.rmtree(run_dir, ignore_errors=True)  # for an earlier measurement's checkpoints
     config = config_for(
         args.model,
         f"strategy={args.strategy}",
@@ -169,7 +173,7 @@ def memory_rank(args) -> None:
         "model.checkpointing=true",  # model states dominate, as at scale
         "data.num_workers=0",
         f"data.root={args.data}",
-        f"run_dir={OUT / ('memory_' + args.strategy)}",
+        f"run_dir={run_dir}",
         *args.override,
     )
     import deepspeed  # noqa: F401  - imported by both strategies' runs, so the baseline is the same

@@ -3,6 +3,7 @@
 import os
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,16 +100,21 @@ def test_every_load_rebuilds_the_architecture_the_checkpoint_recorded(
     assert module.tokenizer.config.channels == old.channels
 
 
-def test_a_fresh_run_never_restores_a_checkpoint_it_was_not_asked_to(
+def test_a_fresh_run_refuses_a_run_dir_holding_an_earlier_runs_checkpoints(
     tmp_path, sample_dir, tokenizer_checkpoint
 ):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
-    shutil.copy(tokenizer_checkpoint, run_dir / "checkpoints" / "on_exception.ckpt")  # from a crash
+    earlier = run_dir / "checkpoints" / "on_exception.ckpt"  # from a crash
+    shutil.copy(tokenizer_checkpoint, earlier)
     fresh = train(run_dir, "trainer.max_steps=2", sample_dir=sample_dir)  # resume=null
-    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert fresh.returncode == 2, fresh.stderr[-2000:]
+    assert f"{run_dir / 'checkpoints'} already holds checkpoints" in fresh.stderr
+    assert "on_exception.ckpt" in fresh.stderr and "resume=last" in fresh.stderr
     assert "Restored" not in fresh.stderr
-    assert read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 2
+    # nothing written, nothing lost: the earlier run's checkpoint is the only file, unchanged
+    assert [path.name for path in (run_dir / "checkpoints").iterdir()] == ["on_exception.ckpt"]
+    assert earlier.read_bytes() == Path(tokenizer_checkpoint).read_bytes()
 
 
 @pytest.mark.slow

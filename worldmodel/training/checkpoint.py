@@ -51,6 +51,20 @@ def resolve_resume(resume: str | None, run_dir: str | os.PathLike) -> str | None
     return resume
 
 
+def refuse_earlier_checkpoints(run_dir: str | os.PathLike) -> None:
+    """A fresh run (no `resume`) must not start in a run_dir that holds another run's checkpoints:
+    its first save would overwrite that run's `last.ckpt` and `stepN.ckpt` with a different
+    run's, and `resume=last` would later mix the two. The message says how to go on."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    earlier = sorted(path.name for path in folder.glob("*.ckpt*")) if folder.is_dir() else []
+    if earlier:
+        shown = ", ".join(earlier[:4]) + (f" and {len(earlier) - 4} more" if len(earlier) > 4 else "")
+        raise CheckpointError(
+            f"run_dir: {folder} already holds checkpoints of an earlier run ({shown}); continue it "
+            "with resume=last, or start this run in another run_dir (or delete that folder)"
+        )
+
+
 def recorded_step(path: Path) -> int:
     """The optimizer step a checkpoint file or DeepSpeed folder records; -1 if unreadable."""
     try:

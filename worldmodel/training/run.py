@@ -41,6 +41,7 @@ from worldmodel.training.checkpoint import (
     checkpoint_header,
     load_lam,
     load_tokenizer,
+    refuse_earlier_checkpoints,
     resolve_resume,
 )
 from worldmodel.training.modules import (
@@ -186,6 +187,8 @@ def prepare(config: TrainConfig) -> tuple[VideoDataModule, WorldModelModule, L.T
     overfitting = config.trainer.overfit_batches > 0  # debug=overfit: the same batches every step
     data = VideoDataModule(config.data, consume_on_yield=False, repeat_epoch=overfitting)
     resume = resolve_resume(config.resume, config.run_dir)
+    if config.resume is None and not config.trainer.fast_dev_run:  # fast_dev_run saves nothing
+        refuse_earlier_checkpoints(config.run_dir)
     module = build_module(config, data, resume)
     if config.scaling.budget:
         size = run_size(config, module, data.index)
