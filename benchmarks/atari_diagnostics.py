@@ -8,6 +8,7 @@
     python benchmarks/atari_diagnostics.py reach       # how many pixels one action changes, and when
     python benchmarks/atari_diagnostics.py identifiable  # how much any latent action can say about the action
     python benchmarks/atari_diagnostics.py inverse DATA [--tokenizer CKPT]  # can a LAM encoder see actions?
+    python benchmarks/atari_diagnostics.py persistence LAM_CKPT DATA  # what a LAM's codes follow
 
 DATA: the prepared folder `make atari` recorded (outputs/atari/data).
 
@@ -35,6 +36,11 @@ themselves (inverse dynamics: cross-entropy alone, 3 passes over 200 training ba
 difference as input, and (--tokenizer) from the frozen tokenizer's quantized codes instead of
 pixels, through the same overlapping patches on the token grid (as many positions for the ST
 blocks); accuracy on 30 held-out batches (chance 1/18).
+persistence: a LAM's latent actions on 128 held-out clips against the recorded actions one step
+before, at and after their transition (an agent's answer that comes late would show at +1), and
+against the latent action of the transition before: the recorded actions, drawn anew every step,
+share nothing with their predecessors, so codes that do follow motion that lasts (an opponent's
+walk, the river's scroll), not the agent's actions. NMI as eval reports it, with its chance level.
 """
 
 from __future__ import annotations
@@ -374,6 +380,36 @@ def inverse(data: str, tokenizer: str | None = None, batches: int = 200, passes:
         )
 
 
+def persistence(checkpoint: str, data: str, clips: int = 128, frames: int = 8) -> None:
+    from worldmodel.eval.metrics import action_agreement
+    from worldmodel.training.checkpoint import load_lam
+
+    lam = load_lam(checkpoint).eval()
+    latent, true, sources = [], [], []
+    for batch in held_out_batches(Path(data), read_index(data), frames, clips, batch_size=8):
+        latent.append(lam.infer(batch["video"]))  # (B, frames - 1): transition t -> t + 1
+        true.append(batch["actions"])  # (B, frames): action t leads to frame t + 1
+        sources += batch["source"]
+    latent, true = torch.cat(latent), torch.cat(true)
+    for source in sorted(set(sources)):
+        rows = torch.tensor([s == source for s in sources])
+        middle = slice(1, frames - 2)  # transitions with a recorded action before and after them
+        scores = {
+            f"vs action t{lag:+d}": action_agreement(
+                latent[rows][:, middle].flatten(),
+                true[rows][:, middle.start + lag : middle.stop + lag].flatten(),
+            )
+            for lag in (-1, 0, 1)
+        }
+        previous = latent[rows][:, :-1].flatten()  # the latent action of the transition before
+        scores["vs latent t-1"] = action_agreement(latent[rows][:, 1:].flatten(), previous)
+        scores["(action t vs action t-1)"] = action_agreement(
+            true[rows][:, 1:-1].flatten(), true[rows][:, :-2].flatten()
+        )
+        shown = [f"{name}: NMI {v['nmi']:.3f} ({v['nmi_chance']:.3f})" for name, v in scores.items()]
+        print(source, "  ".join(shown))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -394,6 +430,9 @@ def main() -> None:
     inverse_command.add_argument(
         "--tokenizer", help="a tokenizer checkpoint: also read the actions from its codes"
     )
+    persistence_command = commands.add_parser("persistence")
+    persistence_command.add_argument("checkpoint", help="a latent action model (task=lam)")
+    persistence_command.add_argument("data")
     commands.add_parser("step-time")
     args = parser.parse_args()
     if args.command == "actions":
@@ -410,6 +449,8 @@ def main() -> None:
         identifiable()
     elif args.command == "inverse":
         inverse(args.data, args.tokenizer)
+    elif args.command == "persistence":
+        persistence(args.checkpoint, args.data)
     else:
         step_time()
 
