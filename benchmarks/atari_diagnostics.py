@@ -39,8 +39,9 @@ blocks); accuracy on 30 held-out batches (chance 1/18).
 persistence: a LAM's latent actions on 128 held-out clips against the recorded actions one step
 before, at and after their transition (an agent's answer that comes late would show at +1), and
 against the latent action of the transition before: the recorded actions, drawn anew every step,
-share nothing with their predecessors, so codes that do follow motion that lasts (an opponent's
-walk, the river's scroll), not the agent's actions. NMI as eval reports it, with its chance level.
+share nothing with their predecessors, so codes that share much with theirs follow motion that
+lasts (an opponent's walk, the river's scroll, an agent's momentum), not the agent's actions. NMI
+as eval reports it, with its chance level; DATA may be any recording with actions (CoinRun too).
 """
 
 from __future__ import annotations
@@ -391,20 +392,19 @@ def persistence(checkpoint: str, data: str, clips: int = 128, frames: int = 8) -
         true.append(batch["actions"])  # (B, frames): action t leads to frame t + 1
         sources += batch["source"]
     latent, true = torch.cat(latent), torch.cat(true)
+    middle = slice(1, frames - 2)  # transitions with a recorded action before and after them
     for source in sorted(set(sources)):
         rows = torch.tensor([s == source for s in sources])
-        middle = slice(1, frames - 2)  # transitions with a recorded action before and after them
+        codes, actions = latent[rows], true[rows]  # (clips, frames - 1), (clips, frames)
         scores = {
             f"vs action t{lag:+d}": action_agreement(
-                latent[rows][:, middle].flatten(),
-                true[rows][:, middle.start + lag : middle.stop + lag].flatten(),
+                codes[:, middle].flatten(), actions[:, middle.start + lag : middle.stop + lag].flatten()
             )
             for lag in (-1, 0, 1)
         }
-        previous = latent[rows][:, :-1].flatten()  # the latent action of the transition before
-        scores["vs latent t-1"] = action_agreement(latent[rows][:, 1:].flatten(), previous)
+        scores["vs latent t-1"] = action_agreement(codes[:, 1:].flatten(), codes[:, :-1].flatten())
         scores["(action t vs action t-1)"] = action_agreement(
-            true[rows][:, 1:-1].flatten(), true[rows][:, :-2].flatten()
+            actions[:, 1:-1].flatten(), actions[:, :-2].flatten()
         )
         shown = [f"{name}: NMI {v['nmi']:.3f} ({v['nmi_chance']:.3f})" for name, v in scores.items()]
         print(source, "  ".join(shown))

@@ -161,8 +161,8 @@ def config_downsample(config) -> int:
 def memory_rank(args) -> None:
     """One rank of a 2-process run (Lightning starts the second); prints its peak RSS."""
     run_dir = OUT / f"memory_{args.strategy}"
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # before rank 1 starts: a fresh run, never refused
-        shutil.rmtree(run_dir, ignore_errors=True)  # for an earlier measurement's checkpoints
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # rank 0, before it starts rank 1: clear an
+        shutil.rmtree(run_dir, ignore_errors=True)  # earlier measurement's run (a fresh run refuses it)
     config = config_for(
         args.model,
         f"strategy={args.strategy}",
