@@ -43,7 +43,7 @@ demo: setup
 	@echo "  wandb/        offline run logs: .venv/bin/wandb sync $(DEMO)/dynamics/wandb/offline-run-*"
 
 # The real-data proof (README "Results on Atari"): record game play, train both stages, evaluate
-# on held-out episodes; about 50 minutes on 2 CPU cores. The recipe is the same for every game:
+# on held-out episodes; about 55-60 minutes on 2 CPU cores. The recipe is the same for every game:
 # `make atari GAMES=Pong,Seaquest OUT=outputs/atari-other`. ATARI_RECORD (prepare options),
 # ATARI_TRAIN (Hydra overrides for both stages) and ATARI_EVAL (eval options), EPISODES and
 # MAX_STEPS exist for ablations and short trial runs.
