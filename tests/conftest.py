@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,11 @@ import webdataset as wds
 from worldmodel.data.sources.atari import AtariSettings, prepare_atari
 from worldmodel.data.sources.sample import prepare_sample
 from worldmodel.data.video import encode_mp4
+
+# What an activated virtual environment gives every subprocess: its tools first on PATH. Without it the
+# DeepSpeed op JIT runs the system's ninja in some tests and the venv's in others, and the two versions
+# read each other's build logs as changed commands and rebuild the op (~25 s each time).
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
 
 
 @pytest.fixture(scope="session")

@@ -102,7 +102,7 @@ def test_a_preempted_job_checkpoints_requeues_itself_and_finishes_from_where_it_
     cluster, sample_dir, tmp_path
 ):
     run_dir, log = tmp_path / "run", tmp_path / "train.out"
-    max_steps = 300
+    max_steps = 100
     overrides = (*FAST, f"data.root={sample_dir}", f"trainer.max_steps={max_steps}")
     overrides += ("trainer.checkpoint_every_n_steps=0",)
     job = submit(cluster, "train.sbatch", *overrides, log=log, RUN_DIR=str(run_dir))

@@ -56,7 +56,7 @@ def test_sbatch_trains_across_two_nodes_one_rank_on_each(two_nodes, sample_dir, 
 
 
 def test_a_preempted_two_node_job_requeues_itself_and_resumes_exactly(two_nodes, sample_dir, tmp_path):
-    max_steps = 120
+    max_steps = 60
     overrides = (*FAST, f"data.root={sample_dir}", f"trainer.max_steps={max_steps}")
     overrides += ("trainer.checkpoint_every_n_steps=0", "data.num_workers=1")
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
