@@ -1,7 +1,7 @@
 import pytest
 import webdataset as wds
 
-from worldmodel.config import ConfigError, DataConfig, derive_batch
+from worldmodel.config import ConfigError, DataConfig, TaskConfig, derive_batch
 from worldmodel.data.datamodule import VideoDataModule
 from worldmodel.data.pipeline import BadSample, ClipSpec, decode_sample
 
@@ -20,6 +20,19 @@ from worldmodel.data.pipeline import BadSample, ClipSpec, decode_sample
 def test_bad_values_fail_on_creation_naming_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field):
         DataConfig(**overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"context_noise": 1.0}, "task.context_noise"),
+        ({"rollout_context": 1.5}, "task.rollout_context"),
+        ({"clean_context": False, "rollout_context": 0.5}, "task.rollout_context"),
+    ],
+)
+def test_bad_task_values_fail_on_creation_naming_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=field):
+        TaskConfig(**overrides)
 
 
 def test_batch_plan_from_the_global_batch_size():

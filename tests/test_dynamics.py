@@ -137,6 +137,33 @@ def test_action_dropout_hides_all_actions_of_the_clips_it_draws():
     assert not torch.equal(loss(actions, 0.0), loss(null, 0.0))
 
 
+def test_rollout_context_feeds_the_models_own_greedy_rollout_back_as_context():
+    torch.manual_seed(0)
+    model = Dynamics(DEBUG).eval()
+    tokens, actions = tokens_and_actions(batch=4, frames=6)
+    assert torch.equal(model._rolled_out(tokens, actions, 0.0, 2, torch.Generator()), tokens)
+    replaced = set()
+    for seed in range(6):
+        context = model._rolled_out(tokens, actions, 0.5, 2, torch.Generator().manual_seed(seed))
+        assert torch.equal(context[:, 0], tokens[:, 0]) and torch.equal(context[:, 5], tokens[:, 5])
+        for clip in range(4):
+            changed = [k for k in range(6) if not torch.equal(context[clip, k], tokens[clip, k])]
+            if not changed:
+                continue
+            kept = changed[0]  # the rollout starts after the true frames the clip keeps
+            rollout = model.generate(
+                tokens[clip : clip + 1, :kept], actions[clip : clip + 1], 5 - kept, 2, temperature=0.0
+            )
+            assert torch.equal(context[clip, kept:5], rollout[0]), (seed, clip)
+            replaced.add(clip)
+    assert len(replaced) > 1  # the test saw clips drawn, at more than one place in the batch
+    loss = [
+        model.training_loss(tokens, actions, torch.Generator().manual_seed(0), True, 0.0, 0.0, share)[0]
+        for share in (0.0, 1.0)
+    ]
+    assert not torch.equal(*loss)  # training sees the rollout
+
+
 def test_greedy_generation_ignores_the_seed_and_a_window_changes_what_a_frame_sees():
     torch.manual_seed(0)
     model = Dynamics(DEBUG).eval()

@@ -136,7 +136,7 @@ class TaskConfig:
     action_source: str = "true"
     lam_checkpoint: str | None = None
     context_frames: int = 2  # dynamics rollout videos: real frames given before generating
-    maskgit_steps: int = 4  # dynamics rollout videos: decoding iterations per frame
+    maskgit_steps: int = 4  # dynamics: decoding iterations per frame (rollout videos, rollout_context)
     # dynamics: masked frames attend to clean earlier frames, as in generation (teacher forcing,
     # twice the frames per step); false: to earlier frames masked like themselves (Genie)
     clean_context: bool = True
@@ -144,6 +144,9 @@ class TaskConfig:
     # dynamics: the share of training clips whose actions are all hidden (the null action), so
     # the model also learns the action-free prediction that guidance (eval --guidance) pushes from
     action_dropout: float = 0.0
+    # dynamics: the share of training clips whose context, past its first few frames, is the
+    # model's own greedy rollout (maskgit_steps steps) rather than the truth (scheduled sampling)
+    rollout_context: float = 0.0
     # lam: the share of training clips (chosen by their keys, the same ones every epoch) whose
     # recorded actions also teach the latent actions, through a linear probe; 0: frames alone
     labelled_share: float = 0.0
@@ -170,6 +173,16 @@ class TaskConfig:
             0.0 <= self.action_dropout < 1.0,
             "task.action_dropout",
             f"must be in [0, 1), got {self.action_dropout}",
+        )
+        _require(
+            0.0 <= self.rollout_context <= 1.0,
+            "task.rollout_context",
+            f"must be in [0, 1], got {self.rollout_context}",
+        )
+        _require(
+            self.clean_context or self.rollout_context == 0.0,
+            "task.rollout_context",
+            "rollouts replace clean context: set task.clean_context=true or rollout_context=0",
         )
         _require(
             0.0 <= self.labelled_share <= 1.0,

@@ -159,6 +159,8 @@ class Dynamics(nn.Module):
         clean_context: bool = False,
         context_noise: float = 0.0,
         action_dropout: float = 0.0,
+        rollout_context: float = 0.0,
+        rollout_steps: int = 4,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """MaskGIT cross-entropy on masked tokens of frames 1..T-1 (frame 0 is always context).
 
@@ -166,7 +168,10 @@ class Dynamics(nn.Module):
         frame entries). `context_noise`: up to this fraction of the clean context tokens is
         replaced by random ids (a per-clip rate), so rollouts learn to recover from their errors.
         `action_dropout`: this share of the clips (drawn per clip) has all its actions replaced by
-        the null action, which teaches the action-free prediction that guidance needs."""
+        the null action, which teaches the action-free prediction that guidance needs.
+        `rollout_context`: this share of the clips (drawn per clip) sees, past its first few
+        frames, the model's own greedy rollout (`rollout_steps` MaskGIT steps) as context instead
+        of the truth, and learns to predict the true frames from it (see `_rolled_out`)."""
         batch, frames, height, width = tokens.shape
         device = tokens.device
         # Cosine schedule: the masked fraction of each frame is cos(pi/2 * u), u ~ U(0, 1).
@@ -182,7 +187,8 @@ class Dynamics(nn.Module):
         leading = self.leading_actions(actions)[:, :frames]
         positions = torch.arange(frames, device=device)
         if clean_context:
-            context = self._noised(tokens, context_noise, generator)
+            context = self._rolled_out(tokens, actions, rollout_context, rollout_steps, generator)
+            context = self._noised(context, context_noise, generator)
             entries = torch.cat([context, masked_tokens[:, 1:]], dim=1)  # (B, 2T - 1, h, w)
             entry_positions = torch.cat([positions, positions[1:]])  # (2T - 1,)
             hidden, _ = self.run(
@@ -224,6 +230,29 @@ class Dynamics(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.logits(hidden, weight)  # (rows, V) fp32
         return F.cross_entropy(logits, targets, reduction="sum"), (logits.argmax(-1) == targets).sum()
+
+    def _rolled_out(
+        self, tokens: torch.Tensor, actions: torch.Tensor, share: float, steps: int, generator
+    ) -> torch.Tensor:
+        """Clean context tokens (B, T, h, w) where a `share` of the clips keeps its first k frames
+        (k drawn per step in 1..T-2) and has frames k..T-2 replaced by the model's own greedy
+        rollout from them under the clip's actions, as generation feeds its frames back.
+        Teacher forcing only ever shows a model true pasts, so at inference its errors compound
+        on pasts it never saw (exposure bias); scheduled sampling and Self Forcing train on its
+        own. No gradient flows through the rollout. Frame T-1 is context to no masked frame."""
+        batch, frames = tokens.shape[:2]
+        if share <= 0 or frames < 3:
+            return tokens
+        chosen = torch.rand(batch, device=tokens.device, generator=generator) < share  # (B,)
+        if not chosen.any():
+            return tokens
+        kept = int(torch.randint(1, frames - 1, (1,), device=tokens.device, generator=generator))
+        rollout = self.generate(
+            tokens[chosen, :kept], actions[chosen], frames - 1 - kept, steps=steps, temperature=0.0
+        )  # (chosen, T - 1 - k, h, w)
+        context = tokens.clone()
+        context[chosen, kept : frames - 1] = rollout
+        return context
 
     def _noised(self, tokens: torch.Tensor, level: float, generator) -> torch.Tensor:
         if level <= 0:

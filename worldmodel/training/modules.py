@@ -380,6 +380,9 @@ class DynamicsModule(WorldModelModule):
             task.clean_context,
             task.context_noise,
             task.action_dropout,
+            # held-out loss stays teacher-forced: comparable across settings, and cheaper
+            task.rollout_context if self.training else 0.0,
+            task.maskgit_steps,
         )
 
     def tokens(self, batch: dict) -> torch.Tensor:
