@@ -558,3 +558,28 @@ def test_a_run_that_ends_cleanly_leaves_its_process_group(tmp_path, sample_dir):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_rollout_context_trains_on_rollouts_while_the_held_out_loss_stays_teacher_forced(
+    tmp_path, sample_dir, tokenizer_checkpoint
+):
+    base = (f"run_dir={tmp_path}", f"data.root={sample_dir}", "logger=csv", "task=dynamics")
+    base += (f"task.tokenizer_checkpoint={tokenizer_checkpoint}", "model=dynamics_debug")
+    tokenizer = load_tokenizer(tokenizer_checkpoint)
+    modules = {}
+    for share in (0.0, 1.0):
+        config = to_train_config(composed(*base, f"task.rollout_context={share}"))
+        modules[share] = DynamicsModule(config, tokenizer, num_actions=18)
+        modules[share].configure_model()
+    modules[1.0].net.load_state_dict(modules[0.0].net.state_dict())
+    generator = torch.Generator().manual_seed(0)
+    batch = {
+        "tokens": torch.randint(0, tokenizer.vocab_size, (2, 6, 4, 4), generator=generator),
+        "actions": torch.randint(0, 18, (2, 6), generator=generator),
+    }
+
+    def loss(share: float, training: bool) -> torch.Tensor:
+        return modules[share].train(training).compute_loss(batch, torch.Generator().manual_seed(1))[0]
+
+    assert torch.equal(loss(1.0, False), loss(0.0, False))  # validation: teacher-forced
+    assert not torch.equal(loss(1.0, True), loss(0.0, True))  # training: its own rollouts
