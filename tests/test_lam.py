@@ -16,7 +16,7 @@ import torch
 from tests.conftest import moving_frames
 from tests.test_action_conditioning import FRAMES, MOVES, as_frames, sprite_world
 from tests.training_helpers import composed, logged, preempted_and_resumed
-from worldmodel.config import ConfigError
+from worldmodel.config import ConfigError, TaskConfig
 from worldmodel.data.datamodule import VideoDataModule
 from worldmodel.data.video import encode_mp4
 from worldmodel.eval.metrics import action_agreement
@@ -281,18 +281,25 @@ def agent_among_distractors(clips: int, generator: torch.Generator, distractors:
     return grid.repeat_interleave(2, 2).repeat_interleave(2, 3), actions  # (clips, FRAMES, 32, 32, 3)
 
 
-def probe_accuracy_after_training(pool: str, steps: int = 150) -> float:
-    """An encoder and its probe taught every action directly (the labels weigh as much as the frames)."""
+def trained_among_distractors(config: LatentActionConfig, label_weight: float, steps: int = 150):
+    """A LAM trained on the agent among distractors, every clip's actions lent to its probe at
+    `label_weight` (0: frames alone)."""
     torch.manual_seed(0)
-    model = LatentActionModel(replace(SPRITE_LAM, pool=pool, frame_difference=True, probe_actions=len(MOVES)))
+    model = LatentActionModel(replace(config, probe_actions=len(MOVES)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(0)
     for _ in range(steps):
         video, actions = agent_among_distractors(32, generator)
-        loss, _ = model.training_loss(video, generator, actions, label_weight=1.0)
+        loss, _ = model.training_loss(video, generator, actions, label_weight)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    return model.eval()
+
+
+def probe_accuracy_after_training(pool: str) -> float:
+    """An encoder and its probe taught every action directly (the labels weigh as much as the frames)."""
+    model = trained_among_distractors(replace(SPRITE_LAM, pool=pool), 1.0)
     video, actions = agent_among_distractors(256, torch.Generator().manual_seed(1))
     with torch.no_grad():
         read = model.probe(model.encode(model.pixels(video))).argmax(-1)  # (256, FRAMES - 1)
@@ -304,6 +311,23 @@ def test_an_encoder_taught_the_actions_reads_a_small_agent_only_when_it_keeps_th
     the recorded actions themselves stayed at chance (README "Latent actions")."""
     assert probe_accuracy_after_training("max") > 0.9
     assert probe_accuracy_after_training("mean") < 0.5  # chance: 0.25
+
+
+def code_agreement_after_training(label_weight: float) -> dict[str, float]:
+    """How well the codes of a LAM trained among distractors name the agent's moves."""
+    model = trained_among_distractors(SPRITE_LAM, label_weight)
+    video, actions = agent_among_distractors(256, torch.Generator().manual_seed(1))
+    return action_agreement(model.infer(video), actions[:, :-1])
+
+
+@pytest.mark.slow
+def test_labels_at_the_default_weight_make_the_codes_name_the_agents_moves_among_distractors():
+    """Frames alone, the codes follow the distractors; labels weighted as task.label_weight says
+    steer them to the agent (measured: NMI 0.876 at 1, 0.050 at the former 0.01, 0.006 without)."""
+    labelled_codes = code_agreement_after_training(TaskConfig().label_weight)
+    assert labelled_codes["nmi"] > 0.5, labelled_codes
+    unlabelled_codes = code_agreement_after_training(0.0)
+    assert unlabelled_codes["nmi"] < 0.1, unlabelled_codes
 
 
 def test_labelled_clips_are_a_fixed_share_chosen_by_key():
