@@ -33,7 +33,7 @@ record="--workers $(nproc)"
 scored=(--device cuda --clips 128 --batch-size 32)  # wider rollout batches on a GPU
 tiny=()
 if [[ -n "${ATARI_LONG_TINY:-}" ]]; then
-    train="trainer.accelerator=cpu data.num_workers=1 logger=csv"
+    train="trainer.accelerator=cpu data.num_workers=0 logger=csv"
     record="--workers 2 --val-fraction 0.5"
     scored=(--device cpu --clips 4)
     tiny=(EPISODES=2 MAX_STEPS=40 ATARI_TOKENIZER="trainer.max_steps=2"

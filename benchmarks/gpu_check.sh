@@ -75,7 +75,7 @@ gpu=(trainer=gpu trainer.devices=1 data.num_workers=4)
 if [[ -n "${GPU_CHECK_TINY:-}" ]]; then
     steps=3 strategy_steps=3 size=dynamics_debug compiled=false device=cpu frames=4
     scale=(--tiny --no-compile --profile dynamics_debug) rollout=(--grid 4 --context 2 --frames 2 --window 4)
-    gpu=(trainer=cpu trainer.devices=1 data.num_workers=1 data.frames=4 data.global_batch_size=2)
+    gpu=(trainer=cpu trainer.devices=1 data.num_workers=0 data.frames=4 data.global_batch_size=2)
 fi
 gpu+=(logger=csv data.root="$data" trainer.max_steps=$steps trainer.log_every_n_steps=1
       trainer.val_every_n_steps=$steps trainer.limit_val_batches=2 trainer.checkpoint_every_n_steps=$steps

@@ -98,35 +98,6 @@ def test_sbatch_trains_on_two_tasks_leaves_a_checkpoint_and_eval_sbatch_scores_i
     assert (eval_dir / "last.ckpt" / "metrics.json").is_file(), (tmp_path / "eval.out").read_text()[-3000:]
 
 
-def test_a_preempted_job_checkpoints_requeues_itself_and_finishes_from_where_it_stopped(
-    cluster, sample_dir, tmp_path
-):
-    run_dir, log = tmp_path / "run", tmp_path / "train.out"
-    max_steps = 100
-    overrides = (*FAST, f"data.root={sample_dir}", f"trainer.max_steps={max_steps}")
-    overrides += ("trainer.checkpoint_every_n_steps=0",)
-    job = submit(cluster, "train.sbatch", *overrides, log=log, RUN_DIR=str(run_dir))
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and max(logged(run_dir, "train/loss"), default=-1) < 3:
-        assert cluster.job_state(job) in {"PENDING", "RUNNING"}, log.read_text(errors="replace")[-3000:]
-        time.sleep(0.5)
-    # What `#SBATCH --signal=USR1@300` does before the time limit: SIGUSR1 to every task of the job.
-    cluster.run("scancel", "--signal=USR1", job)
-    release_requeued(cluster, job)
-    state = cluster.wait_for(job, {"COMPLETED"}, timeout=300)
-    output = log.read_text(errors="replace")
-    assert state == "COMPLETED", output[-3000:]
-    assert cluster.job_field(job, "Restarts") == "1", output[-3000:]
-    stopped_at = int(output.split("preempted at step ")[1].split(";")[0])
-    assert 3 <= stopped_at < max_steps - 10
-    assert "start 2:" in output and f"done: {max_steps} steps" in output
-    # The requeued start logged a new CSV version that begins at the preempted step and runs to the end.
-    steps = sorted(logged(run_dir, "train/loss"))
-    assert steps[0] == stopped_at and steps[-1] == max_steps - 1
-    final = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert final["global_step"] == max_steps
-
-
 def test_a_submitit_slurm_sweep_over_two_sizes_completes_both_jobs_and_feeds_worldmodel_scaling(
     cluster, sample_dir, tokenizer_checkpoint, tmp_path
 ):

@@ -76,6 +76,7 @@ def test_a_preempted_two_node_job_requeues_itself_and_resumes_exactly(two_nodes,
     assert state == "COMPLETED" and two_nodes.job_field(job, "Restarts") == "1", output[-3000:]
     stopped_at = int(output.split("preempted at step ")[1].split(";")[0])
     assert 3 <= stopped_at < max_steps - 10 and f"done: {max_steps} steps" in output
+    assert "start 2:" in output  # the requeued start, as the script numbers it
     expected, resumed = logged(full_dir, "train/loss"), logged(cut_dir, "train/loss")
     after = [step for step in sorted(resumed) if step >= stopped_at]
     assert after == list(range(stopped_at, max_steps))

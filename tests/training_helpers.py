@@ -12,7 +12,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A few fast steps of the debug tokenizer on the sample data, logging every step to CSV.
+# A few fast steps of the debug tokenizer on the sample data, logging every step to CSV. The batches
+# load in the training process: a loader worker costs each run ~3.5 s to start (torch and decord
+# imported afresh), and the tests about workers (preemption, exact resume, SLURM's signals) ask
+# for them by name.
 FAST = (
     "experiment=demo_tokenizer",
     "logger=csv",
@@ -23,6 +26,7 @@ FAST = (
     "optim.warmup_steps=2",
     "data.frames=4",
     "data.global_batch_size=4",
+    "data.num_workers=0",
 )
 
 
