@@ -15,7 +15,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from tests.training_helpers import ROOT, logged, preempted_and_resumed, train
+from tests.training_helpers import ROOT, left_in_group, logged, preempted_and_resumed, train
 from worldmodel.config import ConfigError, DataConfig
 from worldmodel.data.datamodule import VideoDataModule
 from worldmodel.data.pipeline import ClipSpec, decode_sample
@@ -199,7 +199,9 @@ def test_tokenize_killed_midway_and_run_again_writes_the_same_shards(
             *("--frames", str(FRAMES), "--hop", "4", "--devices", str(devices)),
         ]
 
-    cut = subprocess.Popen(command(tmp_path / "cut", devices=2), cwd=ROOT, stderr=subprocess.PIPE)
+    cut = subprocess.Popen(
+        command(tmp_path / "cut", devices=2), cwd=ROOT, stderr=subprocess.PIPE, start_new_session=True
+    )
     first = tmp_path / "cut" / shard_paths(sample_dir, "train")[0].split("/")[-1]
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not first.exists():
@@ -207,6 +209,7 @@ def test_tokenize_killed_midway_and_run_again_writes_the_same_shards(
     cut.send_signal(signal.SIGKILL)
     cut.wait()
     assert not (tmp_path / "cut" / "dataset.json").exists()  # it really stopped midway
+    assert left_in_group(cut.pid) == []  # its pool processes ended with it
     again = subprocess.run(command(tmp_path / "cut", devices=1), capture_output=True, text=True, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-2000:]
     # The shards of an uninterrupted run of the same settings, every sha256 included, whatever

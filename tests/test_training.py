@@ -6,7 +6,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.training_helpers import ROOT, composed, logged, preempted_and_resumed, start_training, train
+from tests.training_helpers import (
+    ROOT,
+    composed,
+    left_in_group,
+    logged,
+    preempted_and_resumed,
+    start_training,
+    train,
+)
 from worldmodel.config import ConfigError
 from worldmodel.training.checkpoint import load_tokenizer, net_state_dict, read_checkpoint
 from worldmodel.training.modules import DynamicsModule, LatentActionModule, TokenizerModule
@@ -413,6 +421,23 @@ def test_a_preemption_signal_mid_run_checkpoints_and_the_run_resumes(tmp_path, s
     resumed = train(tmp_path, "resume=last", f"trainer.max_steps={stopped_at + 2}", sample_dir=sample_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert sorted(logged(tmp_path, "train/loss")) == [stopped_at, stopped_at + 1]
+
+
+@pytest.mark.slow
+def test_a_run_killed_outright_leaves_no_process_behind(tmp_path, sample_dir):
+    # The OOM killer or kill -9 gives the run no chance to stop its loader workers: they, the
+    # forkserver they come from and its resource tracker must end with it by themselves.
+    process = start_training(
+        tmp_path, "trainer.max_steps=500", "data.num_workers=2", sample_dir=sample_dir, start_new_session=True
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and max(logged(tmp_path, "train/loss"), default=-1) < 2:
+        time.sleep(0.2)
+    assert len(left_in_group(process.pid, within=0)) >= 5  # the run, 2 workers, the server, its tracker
+    process.kill()
+    process.wait(timeout=30)
+    process.stdout.close()  # unread: the orphans this guards against would hold it open
+    assert left_in_group(process.pid) == []
 
 
 def test_checkpoints_hold_the_resolved_config_and_the_data_position(tokenizer_checkpoint):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import signal
@@ -9,6 +10,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,6 +73,21 @@ def preempted_and_resumed(
     resumed = train(cut_dir, *overrides, "resume=last", sample_dir=sample_dir)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     return stopped_at, logged(full_dir, "train/loss"), logged(cut_dir, "train/loss")
+
+
+def left_in_group(group: int, within: float = 20.0) -> list[str]:
+    """The command lines of the live processes of process group `group`, once it has emptied or
+    `within` seconds have passed (a killed process's helpers take a moment to notice)."""
+    deadline = time.monotonic() + within
+    while True:
+        alive = []
+        for process in psutil.process_iter():
+            with contextlib.suppress(psutil.Error, OSError):  # gone meanwhile
+                if os.getpgid(process.pid) == group and process.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(" ".join(process.cmdline())[:160])
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
 
 
 def composed(*overrides: str):

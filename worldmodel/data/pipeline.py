@@ -20,14 +20,19 @@ minimum was read), so all-bad shards stop the run too.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
 import logging
 import multiprocessing
 import multiprocessing.forkserver
+import os
 import random
+import select
 import signal
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
@@ -60,9 +65,9 @@ def start_worker_server(deaf_to: tuple[int, ...]) -> None:
     finishes its step and checkpoints: by default SIGUSR1/2 kill them, and the main process then
     fails at a random point with "DataLoader worker exited unexpectedly". An ignored signal stays
     ignored across fork and exec, so the server, the tracker and every worker forked later ignore
-    these; the workers still end with the main process (torch's workers watch their parent).
+    these; the workers still end with the main process (`exit_with`).
     Except SIGTERM: each torch worker installs its own SIGTERM handler when it starts (dying
-    unless its parent sent it), so `_stay_deaf` ignores these signals again in every worker."""
+    unless its parent sent it), so `_start_loader_worker` ignores these signals again in every worker."""
     global _WORKERS_DEAF_TO
     _WORKERS_DEAF_TO = tuple(deaf_to)
     previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in deaf_to}
@@ -73,12 +78,40 @@ def start_worker_server(deaf_to: tuple[int, ...]) -> None:
             signal.signal(signum, handler)
 
 
-def _stay_deaf(signums: tuple[int, ...], worker_id: int) -> None:
+def _start_loader_worker(signums: tuple[int, ...], owner: int, worker_id: int) -> None:
     """A loader worker's init (it runs after torch armed its signal handlers): ignore `signums`
-    again. A worker killed by a job-wide SIGTERM while handing a batch over made the main process
-    fail (ConnectionResetError) before it could checkpoint: seen in a preemption test."""
+    again, and end with the process whose loader this is. A worker killed by a job-wide SIGTERM
+    while handing a batch over made the main process fail (ConnectionResetError) before it could
+    checkpoint: seen in a preemption test."""
     for signum in signums:
         signal.signal(signum, signal.SIG_IGN)
+    exit_with(owner)
+
+
+def exit_with(owner: int) -> None:
+    """End this process as soon as process `owner` ends, however it ends. A process the
+    forkserver starts is the server's child, not its owner's: torch's loader workers watch their
+    parent (os.getppid), so a trainer killed outright (the OOM killer, kill -9) left its workers
+    waiting for work forever, and the server and resource tracker, which wait for them, with them.
+    A daemon thread waits on the owner instead and ends this process with it."""
+    try:
+        handle = os.pidfd_open(owner)  # readable once the process has ended (Linux >= 5.3)
+    except ProcessLookupError:  # it ended before this process started
+        os._exit(1)
+    except (AttributeError, OSError):  # no pidfd here (macOS): ask once a second
+        handle = None
+
+    def wait_then_exit() -> None:
+        if handle is not None:
+            select.select([handle], [], [])
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                while True:
+                    os.kill(owner, 0)  # raises once the process is gone
+                    time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=wait_then_exit, name="exit-with-owner", daemon=True).start()
 
 
 SKIP_CAUSES = ("tar", "json", "corrupt", "video", "tokens", "actions")
@@ -544,7 +577,7 @@ class ClipLoader:
             # activation memory, each reused it and copied it (6 GB per worker measured with
             # dynamics_xs). A forkserver forks them from a small, clean process instead.
             multiprocessing_context=WORKER_CONTEXT if self.num_workers else None,
-            worker_init_fn=functools.partial(_stay_deaf, _WORKERS_DEAF_TO),
+            worker_init_fn=functools.partial(_start_loader_worker, _WORKERS_DEAF_TO, os.getpid()),
             # page-locked batches: the copy to a GPU runs asynchronously (Lightning moves
             # batches with non_blocking=True), overlapping the step before
             pin_memory=self.pin_memory,

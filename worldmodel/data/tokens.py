@@ -44,6 +44,7 @@ from worldmodel.data.pipeline import (
     BadSample,
     ClipSpec,
     decode_sample,
+    exit_with,
     sample_metadata,
 )
 from worldmodel.data.shards import (
@@ -112,10 +113,12 @@ def _device_for(slot: int) -> str:
     return f"cuda:{slot % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
 
 
-def _start_pool_process(job: TokenizeJob, slots, devices: int) -> None:
-    """Pool initializer: take the next free slot, so each process gets its own GPU."""
+def _start_pool_process(job: TokenizeJob, slots, devices: int, owner: int) -> None:
+    """Pool initializer: take the next free slot, so each process gets its own GPU; end with the
+    process that runs the pool, even one killed outright (`exit_with`)."""
     from worldmodel.training.checkpoint import load_lam, load_tokenizer
 
+    exit_with(owner)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // devices))
     lam = load_lam(job.lam_checkpoint) if job.lam_checkpoint else None
     _use(load_tokenizer(job.checkpoint, job.weights), lam, _device_for(slots.get()))
@@ -276,11 +279,12 @@ def tokenize(
                 tokenize_shard(job, url)
                 progress.update(clips)
         else:
-            slots = WORKER_CONTEXT.Manager().Queue()
+            slots = WORKER_CONTEXT.Queue()  # handed to each pool process as it starts
             for slot in range(devices):
                 slots.put(slot)
+            setup = (job, slots, devices, os.getpid())
             with ProcessPoolExecutor(
-                devices, WORKER_CONTEXT, initializer=_start_pool_process, initargs=(job, slots, devices)
+                devices, WORKER_CONTEXT, initializer=_start_pool_process, initargs=setup
             ) as pool:
                 running = {pool.submit(tokenize_shard, job, url): clips for url, clips in todo}
                 for finished in as_completed(running):
