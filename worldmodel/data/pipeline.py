@@ -20,7 +20,6 @@ minimum was read), so all-bad shards stop the run too.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import io
 import json
@@ -32,7 +31,6 @@ import random
 import select
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
@@ -95,20 +93,14 @@ def exit_with(owner: int) -> None:
     waiting for work forever, and the server and resource tracker, which wait for them, with them.
     A daemon thread waits on the owner instead and ends this process with it."""
     try:
-        handle = os.pidfd_open(owner)  # readable once the process has ended (Linux >= 5.3)
+        handle = os.pidfd_open(owner)  # readable once the process has ended
     except ProcessLookupError:  # it ended before this process started
         os._exit(1)
-    except (AttributeError, OSError):  # no pidfd here (macOS): ask once a second
-        handle = None
+    except (AttributeError, OSError):  # no pidfd (not Linux >= 5.3): nothing to wait on
+        return
 
     def wait_then_exit() -> None:
-        if handle is not None:
-            select.select([handle], [], [])
-        else:
-            with contextlib.suppress(ProcessLookupError):
-                while True:
-                    os.kill(owner, 0)  # raises once the process is gone
-                    time.sleep(1.0)
+        select.select([handle], [], [])
         os._exit(1)
 
     threading.Thread(target=wait_then_exit, name="exit-with-owner", daemon=True).start()
