@@ -1,9 +1,13 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
+
+from tests.training_helpers import left_in_group
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLDMODEL = Path(sys.executable).with_name("worldmodel")
@@ -40,6 +44,20 @@ def test_prepare_atari_rejects_an_unknown_game_by_name(tmp_path):
         str(tmp_path),
     )
     assert result.returncode != 0 and "NotAGame" in result.stderr
+
+
+def test_prepare_killed_outright_leaves_no_recording_process_behind(tmp_path):
+    command = [str(WORLDMODEL), "prepare", "atari", "--games", "Breakout", "--episodes", "400"]
+    command += ["--max-steps", "500", "--frames", "16", "--size", "64", "--workers", "2"]
+    command += ["--out", str(tmp_path)]
+    recording = subprocess.Popen(command, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(psutil.Process(recording.pid).children()) < 2:
+        time.sleep(0.1)  # until both recording processes run
+    recording.kill()
+    recording.wait(timeout=30)
+    assert not (tmp_path / "dataset.json").exists()  # it stopped midway
+    assert left_in_group(recording.pid) == []
 
 
 def test_prepare_folder_reports_unreadable_files(tmp_path):

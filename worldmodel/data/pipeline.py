@@ -28,9 +28,7 @@ import multiprocessing
 import multiprocessing.forkserver
 import os
 import random
-import select
 import signal
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
@@ -41,6 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from worldmodel.data import NULL_ACTION
 from worldmodel.data.foreign import ForeignVideoError, foreign_clip, video_member
+from worldmodel.data.processes import exit_with
 from worldmodel.data.shards import checksum
 from worldmodel.data.video import VideoDecodeError, decode_mp4, resize_short_side_center_crop
 
@@ -84,26 +83,6 @@ def _start_loader_worker(signums: tuple[int, ...], owner: int, worker_id: int) -
     for signum in signums:
         signal.signal(signum, signal.SIG_IGN)
     exit_with(owner)
-
-
-def exit_with(owner: int) -> None:
-    """End this process as soon as process `owner` ends, however it ends. A process the
-    forkserver starts is the server's child, not its owner's: torch's loader workers watch their
-    parent (os.getppid), so a trainer killed outright (the OOM killer, kill -9) left its workers
-    waiting for work forever, and the server and resource tracker, which wait for them, with them.
-    A daemon thread waits on the owner instead and ends this process with it."""
-    try:
-        handle = os.pidfd_open(owner)  # readable once the process has ended
-    except ProcessLookupError:  # it ended before this process started
-        os._exit(1)
-    except (AttributeError, OSError):  # no pidfd (not Linux >= 5.3): nothing to wait on
-        return
-
-    def wait_then_exit() -> None:
-        select.select([handle], [], [])
-        os._exit(1)
-
-    threading.Thread(target=wait_then_exit, name="exit-with-owner", daemon=True).start()
 
 
 SKIP_CAUSES = ("tar", "json", "corrupt", "video", "tokens", "actions")

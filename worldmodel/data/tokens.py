@@ -44,9 +44,9 @@ from worldmodel.data.pipeline import (
     BadSample,
     ClipSpec,
     decode_sample,
-    exit_with,
     sample_metadata,
 )
+from worldmodel.data.processes import exit_with
 from worldmodel.data.shards import (
     INDEX_NAME,
     SPLITS,

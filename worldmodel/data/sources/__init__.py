@@ -10,6 +10,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 from tqdm import tqdm
 
+from worldmodel.data.processes import exit_with
 from worldmodel.data.shards import Clip, DatasetInfo, ShardSetWriter, safe_key
 from worldmodel.data.video import LOSSLESS, encode_mp4
 
@@ -85,7 +86,8 @@ def shard_in_parallel(
     written = 0
     with (
         ShardSetWriter(out, info, clips_per_shard) as writer,
-        ProcessPoolExecutor(max_workers=max(1, workers)) as pool,
+        # the workers end with this process even when it is killed outright
+        ProcessPoolExecutor(max(1, workers), initializer=exit_with, initargs=(os.getpid(),)) as pool,
     ):
         progress = tqdm(pool.map(work, jobs), total=len(jobs), unit=unit, desc="prepare")
         for number, (clips, failure) in enumerate(progress):
